@@ -1,0 +1,1 @@
+"""medrelay Python client SDK: async client, key store, chat CLI."""

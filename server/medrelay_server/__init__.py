@@ -1,0 +1,1 @@
+"""medrelay gateway server: Starlette app, store, broker, membership, delivery, CLI."""
