@@ -39,18 +39,38 @@ def pack_body(value: object) -> bytes:
 
 
 def unpack_strict(data: bytes, *, max_size: int, max_container: int = _MAX_CONTAINER) -> Any:
-    """Decode one msgpack object with every limit set before any allocation."""
+    """Decode one msgpack object with every limit set before any allocation.
+
+    Besides the per-container limit, the whole object may hold at most ``2 * max_container``
+    arrays and maps: an empty container costs one byte on the wire but ~70 bytes in memory,
+    so without a total a full-size frame of ``[[], [], ...]`` would cost ~32 MiB to decode."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedFrame("expected bytes")
     if len(data) > max_size:
         raise FrameTooLarge(f"{len(data)} bytes exceeds the limit of {max_size}")
+    budget = [2 * max_container]
+
+    def spend() -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise MalformedFrame("too many arrays and maps")
+
+    def on_list(items: list[Any]) -> list[Any]:
+        spend()
+        return items
+
+    def on_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+        spend()
+        return _pairs(pairs)
+
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=False,  # checked by _pairs, which also refuses duplicates
-            object_pairs_hook=_pairs,
+            object_pairs_hook=on_map,
+            list_hook=on_list,
             ext_hook=_no_ext,
             max_str_len=max_size,
             max_bin_len=max_size,

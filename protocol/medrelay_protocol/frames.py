@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .schema import Record, bound, build_specs
 
@@ -64,10 +64,22 @@ def server_frame(name: str) -> Callable[[type[R]], type[R]]:
     return register(name, client=False)
 
 
-RID = bound(min_len=1, max_len=64)
-ROOM_ID = bound(min_len=1, max_len=ROOM)
-DEVICE_ID = bound(min_len=1, max_len=DEVICE)
-SEQ = bound(lo=0)
+# Factories, not shared constants: ``dataclass`` writes each field's name onto its Field
+# object, so one Field reused by several fields (or classes) silently loses all but one.
+def RID() -> Any:
+    return bound(min_len=1, max_len=64)
+
+
+def ROOM_ID() -> Any:
+    return bound(min_len=1, max_len=ROOM)
+
+
+def DEVICE_ID() -> Any:
+    return bound(min_len=1, max_len=DEVICE)
+
+
+def SEQ() -> Any:
+    return bound(lo=0)
 
 
 # ----------------------------------------------------------------------------- records
@@ -86,10 +98,10 @@ class UserDevices(Record):
 @record
 @dataclass(frozen=True, slots=True)
 class RoomInfo(Record):
-    room: str = ROOM_ID
+    room: str = ROOM_ID()
     role: str = bound(choices=ROLE_CHOICES)
-    last_seq: int = SEQ
-    epoch: int = SEQ
+    last_seq: int = SEQ()
+    epoch: int = SEQ()
     pending_rekey: bool = False
 
 
@@ -101,8 +113,9 @@ class RoomInfo(Record):
 class Hello(Frame):
     """First frame: proves the device key over the server's challenge nonce."""
 
-    rid: str = RID
-    device: str = DEVICE_ID
+    rid: str = RID()
+    device: str = DEVICE_ID()
+    device_key: bytes = bound(min_len=32, max_len=32)
     proof: bytes = bound(min_len=64, max_len=64)
     token: str | None = bound(min_len=1, max_len=TOKEN, default=None)
     v: int = bound(lo=1, hi=1, default=1)
@@ -111,7 +124,7 @@ class Hello(Frame):
 @client_frame("reauth")
 @dataclass(frozen=True, slots=True)
 class Reauth(Frame):
-    rid: str = RID
+    rid: str = RID()
     token: str = bound(min_len=1, max_len=TOKEN)
 
 
@@ -120,7 +133,7 @@ class Reauth(Frame):
 class RegisterDevice(Frame):
     """Publish (or refresh) this user's identity key, a device certificate and bundle."""
 
-    rid: str = RID
+    rid: str = RID()
     identity_key: bytes = bound(min_len=32, max_len=32)
     certificate: bytes = bound(min_len=1, max_len=1024)
     bundle: bytes = bound(min_len=1, max_len=1024)
@@ -129,15 +142,15 @@ class RegisterDevice(Frame):
 @client_frame("get_devices")
 @dataclass(frozen=True, slots=True)
 class GetDevices(Frame):
-    rid: str = RID
+    rid: str = RID()
     users: tuple[str, ...] = bound(max_len=256)
 
 
 @client_frame("create_room")
 @dataclass(frozen=True, slots=True)
 class CreateRoom(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     genesis: bytes = bound(min_len=1, max_len=SIGNED)
     manifest: bytes | None = bound(min_len=1, max_len=MANIFEST, default=None)
     wraps: dict[str, bytes] | None = bound(max_len=1024, default=None)
@@ -148,8 +161,8 @@ class CreateRoom(Frame):
 class Commit(Frame):
     """A roster change and/or a rekey, committed atomically. ``wraps`` maps device -> wrap."""
 
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     change: bytes | None = bound(min_len=1, max_len=SIGNED, default=None)
     manifest: bytes | None = bound(min_len=1, max_len=MANIFEST, default=None)
     wraps: dict[str, bytes] | None = bound(max_len=1024, default=None)
@@ -158,21 +171,21 @@ class Commit(Frame):
 @client_frame("get_roster")
 @dataclass(frozen=True, slots=True)
 class GetRoster(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
 
 
 @client_frame("list_rooms")
 @dataclass(frozen=True, slots=True)
 class ListRooms(Frame):
-    rid: str = RID
+    rid: str = RID()
 
 
 @client_frame("send")
 @dataclass(frozen=True, slots=True)
 class Send(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     mid: bytes = bound(min_len=16, max_len=16)
     envelope: bytes = bound(min_len=1, max_len=ENVELOPE)
 
@@ -183,8 +196,8 @@ class Summon(Frame):
     """An urgent page: an envelope whose header says ``urgent``, plus the summoned role in
     clear so the server can route it. Never blocked by a pending rekey."""
 
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     mid: bytes = bound(min_len=16, max_len=16)
     envelope: bytes = bound(min_len=1, max_len=ENVELOPE)
     role: str = bound(min_len=1, max_len=64)
@@ -195,8 +208,8 @@ class Summon(Frame):
 class Receipt(Frame):
     """Cumulative: every event of ``room`` up to ``seq`` was received by this device."""
 
-    room: str = ROOM_ID
-    seq: int = SEQ
+    room: str = ROOM_ID()
+    seq: int = SEQ()
     rid: str | None = bound(min_len=1, max_len=64, default=None)
 
 
@@ -205,16 +218,16 @@ class Receipt(Frame):
 class Sync(Frame):
     """Resume: replay every room's events after the given seq, then go live."""
 
-    rid: str = RID
+    rid: str = RID()
     rooms: dict[str, int] = bound(max_len=1024)
 
 
 @client_frame("history")
 @dataclass(frozen=True, slots=True)
 class History(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
-    before: int = SEQ
+    rid: str = RID()
+    room: str = ROOM_ID()
+    before: int = SEQ()
     limit: int = bound(lo=1, hi=200, default=50)
 
 
@@ -223,8 +236,8 @@ class History(Frame):
 class BlobPut(Frame):
     """One encrypted attachment chunk. Chunks are put in order; ``final`` closes the blob."""
 
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     blob: bytes = bound(min_len=16, max_len=16)
     index: int = bound(lo=0, hi=4096)
     data: bytes = bound(min_len=1, max_len=CHUNK)
@@ -234,7 +247,7 @@ class BlobPut(Frame):
 @client_frame("blob_get")
 @dataclass(frozen=True, slots=True)
 class BlobGet(Frame):
-    rid: str = RID
+    rid: str = RID()
     blob: bytes = bound(min_len=16, max_len=16)
     index: int = bound(lo=0, hi=4096)
 
@@ -242,15 +255,15 @@ class BlobGet(Frame):
 @client_frame("typing")
 @dataclass(frozen=True, slots=True)
 class Typing(Frame):
-    room: str = ROOM_ID
+    room: str = ROOM_ID()
     active: bool = True
 
 
 @client_frame("read_marker")
 @dataclass(frozen=True, slots=True)
 class ReadMarker(Frame):
-    room: str = ROOM_ID
-    seq: int = SEQ
+    room: str = ROOM_ID()
+    seq: int = SEQ()
 
 
 # ------------------------------------------------------------------ server -> client
@@ -260,41 +273,41 @@ class ReadMarker(Frame):
 @dataclass(frozen=True, slots=True)
 class Challenge(Frame):
     nonce: bytes = bound(min_len=32, max_len=32)
-    server_time: int = SEQ
+    server_time: int = SEQ()
     v: int = bound(lo=1, hi=1, default=1)
 
 
 @server_frame("welcome")
 @dataclass(frozen=True, slots=True)
 class Welcome(Frame):
-    rid: str = RID
+    rid: str = RID()
     user: str = bound(min_len=1, max_len=USER)
-    device: str = DEVICE_ID
+    device: str = DEVICE_ID()
     session: str = bound(min_len=1, max_len=64)
-    server_time: int = SEQ
+    server_time: int = SEQ()
     limits: dict[str, int] | None = bound(max_len=64, default=None)
 
 
 @server_frame("reauth_required")
 @dataclass(frozen=True, slots=True)
 class ReauthRequired(Frame):
-    deadline: int = SEQ
+    deadline: int = SEQ()
 
 
 @server_frame("ok")
 @dataclass(frozen=True, slots=True)
 class Ok(Frame):
-    rid: str = RID
+    rid: str = RID()
 
 
 @server_frame("ack")
 @dataclass(frozen=True, slots=True)
 class Ack(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
-    seq: int = SEQ
+    rid: str = RID()
+    room: str = ROOM_ID()
+    seq: int = SEQ()
     mid: bytes = bound(min_len=16, max_len=16)
-    ts: int = SEQ
+    ts: int = SEQ()
 
 
 @server_frame("deliver")
@@ -303,12 +316,12 @@ class Deliver(Frame):
     """One stored event of a room. ``payload`` is an envelope (message, summon), a roster
     entry (roster) or a rekey manifest (rekey); ``wrap`` is this device's own wrap only."""
 
-    room: str = ROOM_ID
+    room: str = ROOM_ID()
     seq: int = bound(lo=1)
     kind: str = bound(choices=KIND_CHOICES)
     sender: str = bound(max_len=DEVICE)
     user: str = bound(max_len=USER)
-    ts: int = SEQ
+    ts: int = SEQ()
     payload: bytes = bound(min_len=1, max_len=MANIFEST + SIGNED)
     wrap: bytes | None = bound(min_len=1, max_len=WRAP, default=None)
 
@@ -316,15 +329,15 @@ class Deliver(Frame):
 @server_frame("synced")
 @dataclass(frozen=True, slots=True)
 class Synced(Frame):
-    rid: str = RID
+    rid: str = RID()
     heads: dict[str, int] = bound(max_len=1024)
 
 
 @server_frame("history_page")
 @dataclass(frozen=True, slots=True)
 class HistoryPage(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     events: tuple[Deliver, ...] = bound(max_len=200)
     more: bool = False
 
@@ -332,40 +345,40 @@ class HistoryPage(Frame):
 @server_frame("devices")
 @dataclass(frozen=True, slots=True)
 class Devices(Frame):
-    rid: str = RID
+    rid: str = RID()
     users: tuple[UserDevices, ...] = bound(max_len=256)
 
 
 @server_frame("rooms")
 @dataclass(frozen=True, slots=True)
 class Rooms(Frame):
-    rid: str = RID
+    rid: str = RID()
     rooms: tuple[RoomInfo, ...] = bound(max_len=4096)
 
 
 @server_frame("roster")
 @dataclass(frozen=True, slots=True)
 class Roster(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
+    rid: str = RID()
+    room: str = ROOM_ID()
     entries: tuple[bytes, ...] = bound(max_len=4096)
-    epoch: int = SEQ
+    epoch: int = SEQ()
+    device_list_version: int = SEQ()
     pending_rekey: bool = False
-    device_list_version: int = SEQ
 
 
 @server_frame("committed")
 @dataclass(frozen=True, slots=True)
 class Committed(Frame):
-    rid: str = RID
-    room: str = ROOM_ID
-    seq: int = SEQ
+    rid: str = RID()
+    room: str = ROOM_ID()
+    seq: int = SEQ()
 
 
 @server_frame("blob_chunk")
 @dataclass(frozen=True, slots=True)
 class BlobChunk(Frame):
-    rid: str = RID
+    rid: str = RID()
     blob: bytes = bound(min_len=16, max_len=16)
     index: int = bound(lo=0, hi=4096)
     data: bytes = bound(min_len=1, max_len=CHUNK)
@@ -375,7 +388,7 @@ class BlobChunk(Frame):
 @server_frame("typing_event")
 @dataclass(frozen=True, slots=True)
 class TypingEvent(Frame):
-    room: str = ROOM_ID
+    room: str = ROOM_ID()
     user: str = bound(min_len=1, max_len=USER)
     active: bool = True
 
@@ -383,9 +396,9 @@ class TypingEvent(Frame):
 @server_frame("read_marker_event")
 @dataclass(frozen=True, slots=True)
 class ReadMarkerEvent(Frame):
-    room: str = ROOM_ID
+    room: str = ROOM_ID()
     user: str = bound(min_len=1, max_len=USER)
-    seq: int = SEQ
+    seq: int = SEQ()
 
 
 @server_frame("error")

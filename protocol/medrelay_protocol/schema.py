@@ -78,6 +78,8 @@ class Record:
                 shown = f"<{len(value)} bytes>"
             elif isinstance(value, dict):
                 shown = f"<{len(value)} entries>"
+            elif isinstance(value, tuple) and any(isinstance(v, bytes) for v in value):
+                shown = f"<{len(value)} items>"
             else:
                 shown = repr(value)
             parts.append(f"{spec.name}={shown}")
@@ -150,6 +152,19 @@ def _check_scalar(spec: Spec, kind: Any, value: Any, where: str) -> None:
             raise InvalidField(f"{where}: bad length")
         if spec.choices is not None and value not in spec.choices:
             raise InvalidField(f"{where}: not one of the allowed values")
+        if kind is str and not _utf8_ok(value):
+            raise InvalidField(f"{where}: not encodable as UTF-8")
+
+
+def _utf8_ok(text: str) -> bool:
+    """A Python str may hold lone surrogates, which msgpack cannot encode."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _default_len(kind: Any) -> int:
@@ -173,7 +188,7 @@ def check(spec: Spec, value: Any) -> None:
         if not isinstance(value, dict) or len(value) > _container_limit(spec, DEFAULT_ENTRIES):
             raise InvalidField(f"{spec.name}: bad map")
         for k, v in value.items():
-            if not isinstance(k, str) or not 0 < len(k) <= DEFAULT_STR:
+            if not isinstance(k, str) or not 0 < len(k) <= DEFAULT_STR or not _utf8_ok(k):
                 raise InvalidField(f"{spec.name}: bad key")
             _check_scalar(_item_spec(spec), val_kind, v, spec.name)
     elif isinstance(kind, type) and issubclass(kind, Record):

@@ -1,0 +1,261 @@
+"""The async medrelay client: rooms, end-to-end encrypted messages, resume and de-duplication.
+
+``Client`` keeps one session open, reconnecting with jittered exponential backoff and
+resuming every room from the last seq it processed. Incoming events are processed in order
+by one task; decrypted messages come out of :meth:`Client.messages`. The client verifies the
+roster chain (pinning its head), device certificates under the identity keys the roster
+pins, rekey manifests and key commitments, and message signatures; it never trusts the
+server for any of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from medrelay_protocol.codes import CloseCode, ErrorCode, Reconnect
+from medrelay_protocol.errors import MedrelayError, RequestError
+from medrelay_protocol.frames import Deliver, Error, Frame, Sync, Synced
+
+from .keystore import KeyStore
+from .rooms import RoomLogic
+from .transport import Session, SessionClosed
+
+log = logging.getLogger(__name__)
+
+TokenProvider = Callable[[], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decrypted event for the user: a message, a summon, or a notice (``kind`` says)."""
+
+    room: str
+    seq: int
+    kind: str
+    sender_user: str
+    sender_device: str
+    body: Any
+    ts: int
+    problem: str | None = None
+
+
+@dataclass
+class Client:
+    url: str
+    keys: KeyStore
+    token_provider: TokenProvider
+    kind: str = "person"
+    base_backoff: float = 0.2
+    max_backoff: float = 10.0
+    session: Session | None = None
+    _inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    _runner: asyncio.Task[None] | None = None
+    _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+    logic: RoomLogic = field(init=False)
+    fatal: SessionClosed | None = None
+
+    def __post_init__(self) -> None:
+        self.logic = RoomLogic(self.keys, self.request, kind=self.kind)
+
+    @property
+    def user(self) -> str:
+        return self.keys.user
+
+    # lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect (registering this device the first time) and resume every room."""
+        self._runner = asyncio.create_task(self._run(), name=f"client-{self.user}")
+        waiter = asyncio.create_task(self._connected.wait())
+        done, _ = await asyncio.wait({waiter, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        if self._runner in done:
+            waiter.cancel()
+            self._runner.result()
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self.session is not None:
+            await self.session.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+        self.keys.save()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def drop_connection(self) -> None:
+        """Close the socket as a network failure would (tests, demo); the client resumes."""
+        if self.session is not None:
+            await self.session.ws.close()
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                token = await self.token_provider()
+                session = await Session.open(self.url, token, self.keys)
+            except (OSError, SessionClosed, TimeoutError, RequestError) as exc:
+                if isinstance(exc, RequestError) and exc.code == ErrorCode.AUTH_FAILED:
+                    raise
+                attempt += 1
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            attempt = 0
+            self.session = session
+            try:
+                await self.logic.ensure_registered()
+                await self._resume(session)
+                self._connected.set()
+                await self._pump(session)
+            except SessionClosed:
+                pass
+            finally:
+                self._connected.clear()
+                await session.close()
+            closed = session.closed
+            if closed is not None and closed.code is not None and 4000 <= closed.code <= 4999:
+                if CloseCode(closed.code).reconnect is Reconnect.NEVER:
+                    self.fatal = closed
+                    return
+            await asyncio.sleep(self._backoff(1))
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff, self.base_backoff * 2 ** min(attempt, 10))
+        return random.uniform(self.base_backoff / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+    async def _resume(self, session: Session) -> None:
+        rooms = {room: keys.last_seq for room, keys in self.keys.rooms.items()}
+        await self.request(Sync(rid=session.next_rid(), rooms=rooms), Synced, timeout=60)
+
+    async def _pump(self, session: Session) -> None:
+        while True:
+            frame = await session.pushed.get()
+            if frame is None:
+                raise session.closed or SessionClosed(None, "closed")
+            await self._on_push(frame)
+
+    async def _on_push(self, frame: Frame) -> None:
+        if isinstance(frame, Deliver):
+            await self._on_deliver(frame)
+        elif isinstance(frame, Error):
+            log.warning("server error %s", ErrorCode(frame.code).name)
+
+    async def _on_deliver(self, ev: Deliver) -> None:
+        keys = self.keys.room(ev.room)
+        if ev.seq <= keys.last_seq:
+            return  # a replay of something already processed
+        try:
+            body, problem = await self.logic.process(ev)
+        except MedrelayError as exc:
+            body, problem = None, f"refused: {exc.code.name.lower()}"
+        keys = self.keys.room(ev.room)
+        keys.last_seq = max(keys.last_seq, ev.seq)
+        self.keys.save()
+        if body is not None or problem is not None:
+            await self._inbox.put(
+                Message(ev.room, ev.seq, ev.kind, ev.user, ev.sender, body, ev.ts, problem)
+            )
+        if self.session is not None and self.session.closed is None:
+            from medrelay_protocol.frames import Receipt
+
+            with contextlib.suppress(Exception):
+                await self.session.send_only(Receipt(room=ev.room, seq=ev.seq))
+
+    # requests ----------------------------------------------------------------------------
+    async def request(self, frame: Frame, expect: type[Any], *, timeout: float = 30) -> Any:
+        if self.session is None:
+            raise SessionClosed(None, "not connected")
+        return await self.session.request(frame, expect, timeout=timeout)
+
+    def rid(self) -> str:
+        assert self.session is not None
+        return self.session.next_rid()
+
+    # the user's API ------------------------------------------------------------------------
+    async def messages(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self._inbox.get()
+
+    async def next_message(self, timeout: float = 10) -> Message:
+        return await asyncio.wait_for(self._inbox.get(), timeout)
+
+    async def create_room(self, room: str | None = None) -> str:
+        await self._connected.wait()
+        return await self.logic.create_room(room or os.urandom(12).hex())
+
+    async def add(
+        self, room: str, user: str, role: str = "member", *, history_from_seq: int | None = None
+    ) -> int:
+        await self._connected.wait()
+        return await self.logic.add(room, user, role, history_from_seq=history_from_seq)
+
+    async def remove(self, room: str, user: str) -> int:
+        await self._connected.wait()
+        return await self.logic.remove(room, user)
+
+    async def leave(self, room: str) -> int:
+        await self._connected.wait()
+        seq = await self.logic.leave(room)
+        self.keys.forget_room(room)
+        return seq
+
+    async def send_text(self, room: str, text: str) -> int:
+        return await self.send_body(room, {"type": "text", "text": text})
+
+    async def send_body(
+        self, room: str, body: dict[str, Any], *, urgent_role: str | None = None
+    ) -> int:
+        """Encrypt, sign and send; retried with the identical bytes across reconnects until
+        acknowledged. Returns the seq the server assigned."""
+        await self._connected.wait()
+        priority = "urgent" if urgent_role is not None else "routine"
+        sealed = await self.logic.seal(room, body, priority=priority)
+        while True:
+            await self._connected.wait()
+            try:
+                return await self.logic.submit(room, sealed, urgent_role=urgent_role)
+            except SessionClosed:
+                continue
+            except RequestError as exc:
+                if exc.code == ErrorCode.RATE_LIMITED:
+                    detail = exc.detail if isinstance(exc.detail, dict) else {}
+                    await asyncio.sleep((detail.get("retry_after_ms") or 100) / 1000)
+                    continue
+                if exc.code in (ErrorCode.STALE_EPOCH, ErrorCode.REKEY_REQUIRED):
+                    await self.logic.refresh(room)
+                    sealed = await self.logic.seal(room, body, priority=priority)
+                    continue
+                raise
+
+    async def send_file(self, room: str, data: bytes, *, name: str, mime: str) -> int:
+        await self._connected.wait()
+        pointer = await self.logic.upload(room, data)
+        return await self.send_body(room, {"type": "file", "name": name, "mime": mime, **pointer})
+
+    async def download(self, body: dict[str, Any]) -> bytes:
+        await self._connected.wait()
+        return await self.logic.download(body)
+
+    async def history(self, room: str, *, before: int = 0, limit: int = 50) -> list[Message]:
+        await self._connected.wait()
+        out = []
+        for ev in await self.logic.history(room, before=before, limit=limit):
+            body, problem = await self.logic.decrypt_event(ev)
+            out.append(Message(ev.room, ev.seq, ev.kind, ev.user, ev.sender, body, ev.ts, problem))
+        return out
+
+
+__all__ = ["Client", "Message", "RequestError"]
+
+
+def new_mid() -> bytes:
+    return os.urandom(16)

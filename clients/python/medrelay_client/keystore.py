@@ -1,0 +1,138 @@
+"""The device's key store: one JSON file per user, mode 0600, replaced atomically.
+
+Holds the user identity key (on the first device), the device signing key, the current
+X25519 receiving key, and per room: the epoch secrets, the pinned roster (length, head), the
+last seq processed and the message counter. Never logged; ``repr`` is redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medrelay_protocol.crypto import ReceivingKey, SigningKey, device_id_for
+
+
+@dataclass
+class RoomKeys:
+    epochs: dict[int, bytes] = field(default_factory=dict)
+    heads: dict[int, bytes] = field(default_factory=dict)
+    current: int = 0
+    pinned_length: int = 0
+    pinned_head: bytes = b""
+    last_seq: int = 0
+    counter: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epochs": {str(k): v.hex() for k, v in self.epochs.items()},
+            "heads": {str(k): v.hex() for k, v in self.heads.items()},
+            "current": self.current,
+            "pinned_length": self.pinned_length,
+            "pinned_head": self.pinned_head.hex(),
+            "last_seq": self.last_seq,
+            "counter": self.counter,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoomKeys:
+        return cls(
+            epochs={int(k): bytes.fromhex(v) for k, v in data["epochs"].items()},
+            heads={int(k): bytes.fromhex(v) for k, v in data["heads"].items()},
+            current=int(data["current"]),
+            pinned_length=int(data["pinned_length"]),
+            pinned_head=bytes.fromhex(data["pinned_head"]),
+            last_seq=int(data["last_seq"]),
+            counter=int(data["counter"]),
+        )
+
+
+class KeyStore:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        user: str,
+        identity: SigningKey,
+        device: SigningKey,
+        receiving: ReceivingKey,
+        rooms: dict[str, RoomKeys] | None = None,
+    ) -> None:
+        self.path = path
+        self.user = user
+        self.identity = identity
+        self.device = device
+        self.receiving = receiving
+        self.rooms: dict[str, RoomKeys] = rooms or {}
+
+    def __repr__(self) -> str:
+        return f"KeyStore(user={self.user!r}, device={self.device_id!r}, keys=<redacted>)"
+
+    @property
+    def device_id(self) -> str:
+        return device_id_for(self.device.public)
+
+    @classmethod
+    def create(cls, user: str, path: Path | None = None) -> KeyStore:
+        store = cls(
+            path,
+            user=user,
+            identity=SigningKey.generate(),
+            device=SigningKey.generate(),
+            receiving=ReceivingKey.generate(),
+        )
+        store.save()
+        return store
+
+    @classmethod
+    def load_or_create(cls, user: str, directory: Path) -> KeyStore:
+        path = directory / "keys.json"
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return cls.create(user, path)
+        data = json.loads(path.read_text())
+        return cls(
+            path,
+            user=data["user"],
+            identity=SigningKey(bytes.fromhex(data["identity"])),
+            device=SigningKey(bytes.fromhex(data["device"])),
+            receiving=ReceivingKey(bytes.fromhex(data["receiving"])),
+            rooms={k: RoomKeys.from_json(v) for k, v in data["rooms"].items()},
+        )
+
+    def room(self, room: str) -> RoomKeys:
+        return self.rooms.setdefault(room, RoomKeys())
+
+    def forget_room(self, room: str) -> None:
+        """Wipe a room's epoch secrets (the user was removed); keep only its last seq."""
+        keys = self.rooms.get(room)
+        if keys is not None:
+            self.rooms[room] = RoomKeys(last_seq=keys.last_seq)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {
+            "user": self.user,
+            "identity": self.identity.private_bytes().hex(),
+            "device": self.device.private_bytes().hex(),
+            "receiving": self.receiving.private_bytes().hex(),
+            "rooms": {k: v.to_json() for k, v in self.rooms.items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,422 @@
+"""Room logic of the client: roster verification, rekeys, sealing and opening messages.
+
+Every key decision rests on what this client verified itself: the roster chain (pinned by
+length and head in the key store), device certificates checked under the identity keys the
+roster pins, rekey manifests signed by a certified member device and their key commitments.
+The server's word is used only for transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
+from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
+from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
+from medrelay_protocol.errors import MedrelayError, RequestError
+from medrelay_protocol.frames import (
+    Ack,
+    BlobChunk,
+    BlobGet,
+    BlobPut,
+    Commit,
+    Committed,
+    CreateRoom,
+    Deliver,
+    Devices,
+    GetDevices,
+    GetRoster,
+    History,
+    HistoryPage,
+    Ok,
+    RegisterDevice,
+    Roster,
+    Send,
+    Summon,
+)
+from medrelay_protocol.identity import DeviceBundle, DeviceCertificate
+from medrelay_protocol.roster import (
+    RosterState,
+    certified_devices,
+    make_change,
+    make_genesis,
+    verify_entry,
+    verify_roster,
+)
+from medrelay_protocol.roster_entry import decode_entry
+
+from .keystore import KeyStore
+
+Request = Callable[..., Awaitable[Any]]
+BUNDLE_LIFETIME = 7 * 86400
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Sealed:
+    mid: bytes
+    envelope: bytes
+
+
+class RoomLogic:
+    def __init__(self, keys: KeyStore, request: Request, *, kind: str = "person") -> None:
+        self.keys = keys
+        self._request = request
+        self.kind = kind
+        self.rosters: dict[str, RosterState] = {}
+        self.pending: dict[str, bool] = {}
+        self._device_keys: dict[tuple[str, str], bytes] = {}
+        self._seen: set[tuple[str, str, int, int]] = set()
+        self._rids = itertools.count(1)
+        self.cert: DeviceCertificate | None = None
+        self._epoch_changed = asyncio.Event()
+
+    def rid(self) -> str:
+        return f"l{next(self._rids)}"
+
+    async def request(self, frame: Any, expect: type[Any]) -> Any:
+        return await self._request(frame, expect)
+
+    # registration and directory -------------------------------------------------------
+    async def ensure_registered(self) -> None:
+        now = int(time.time())
+        k = self.keys
+        self.cert = DeviceCertificate.issue(k.identity, k.user, k.device.public, self.kind, now)
+        bundle = DeviceBundle.issue(k.device, k.receiving.public, now + BUNDLE_LIFETIME)
+        await self.request(
+            RegisterDevice(
+                rid=self.rid(),
+                identity_key=k.identity.public,
+                certificate=self.cert.raw,
+                bundle=bundle.raw,
+            ),
+            Ok,
+        )
+
+    async def roster(self, room: str) -> tuple[RosterState, Roster]:
+        reply: Roster = await self.request(GetRoster(rid=self.rid(), room=room), Roster)
+        rk = self.keys.room(room)
+        pinned = (rk.pinned_length, rk.pinned_head) if rk.pinned_length else None
+        state = verify_roster(reply.entries, pinned=pinned, room=room)
+        rk.pinned_length, rk.pinned_head = state.length, state.head
+        self.rosters[room] = state
+        self.pending[room] = reply.pending_rekey
+        return state, reply
+
+    async def recipients(self, state: RosterState) -> dict[str, bytes]:
+        """Certified devices of the roster's members -> receiving keys (never the server's
+        word: certificates are checked under the identity keys the roster pins)."""
+        users = tuple(sorted(state.members))
+        reply: Devices = await self.request(GetDevices(rid=self.rid(), users=users), Devices)
+        now = int(time.time())
+        certs = {u.user: list(u.certificates) for u in reply.users}
+        certified = certified_devices(state, certs, now=now)
+        out: dict[str, bytes] = {}
+        for u in reply.users:
+            for raw in u.bundles:
+                for cert in certified.values():
+                    if cert.user_id != u.user:
+                        continue
+                    try:
+                        b = DeviceBundle.verify(raw, cert.device_key, now=now)
+                    except MedrelayError:
+                        continue
+                    out[b.device_id] = b.receiving_key
+        return out
+
+    # membership -------------------------------------------------------------------------
+    async def create_room(self, room: str) -> str:
+        assert self.cert is not None
+        k, now = self.keys, int(time.time())
+        genesis = make_genesis(
+            room,
+            k.user,
+            k.identity,
+            k.device,
+            self.cert,
+            external_sender=None,
+            history="joined",
+            issued_at=now,
+        )
+        state, _ = verify_entry(None, genesis)
+        rekey = build_rekey(
+            room=room,
+            epoch_number=1,
+            prev_epoch=None,
+            roster_head=state.head,
+            device_list_version=0,
+            committer=k.device,
+            recipients=await self.recipients(state),
+        )
+        await self.request(
+            CreateRoom(
+                rid=self.rid(),
+                room=room,
+                genesis=genesis,
+                manifest=rekey.manifest,
+                wraps=rekey.wraps,
+            ),
+            Committed,
+        )
+        self._keep_epoch(room, 1, state.head, rekey.secret)
+        rk = k.room(room)
+        rk.pinned_length, rk.pinned_head = state.length, state.head
+        self.rosters[room] = state
+        k.save()
+        return room
+
+    async def add(self, room: str, user: str, role: str, *, history_from_seq: int | None) -> int:
+        reply: Devices = await self.request(GetDevices(rid=self.rid(), users=(user,)), Devices)
+        identity = reply.users[0].identity_key if reply.users else None
+        if identity is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"{user} has no registered identity")
+        params: dict[str, Any] = {"user": user, "identity_key": identity, "role": role}
+        if history_from_seq is not None:
+            params["history_from_seq"] = history_from_seq
+        return await self._change(room, "add", params, rekey=True)
+
+    async def remove(self, room: str, user: str) -> int:
+        return await self._change(room, "remove", {"user": user}, rekey=True)
+
+    async def leave(self, room: str) -> int:
+        return await self._change(room, "leave", {}, rekey=False)
+
+    async def refresh(self, room: str) -> None:
+        """Catch up the roster; if a removal is pending, commit the new epoch now."""
+        _state, info = await self.roster(room)
+        if info.pending_rekey or self.keys.room(room).current != info.epoch:
+            if info.pending_rekey:
+                await self._change(room, None, {}, rekey=True)
+
+    async def _change(
+        self, room: str, action: str | None, params: dict[str, Any], *, rekey: bool
+    ) -> int:
+        assert self.cert is not None
+        for attempt in range(3):
+            state, info = await self.roster(room)
+            change = None
+            new_state = state
+            if action is not None:
+                change = make_change(
+                    state,
+                    action,
+                    params,
+                    signer_user=self.keys.user,
+                    device_key=self.keys.device,
+                    device_cert=self.cert,
+                    issued_at=int(time.time()),
+                )
+                new_state, _ = verify_entry(state, change)
+            manifest, wraps, secret, epoch = None, None, b"", info.epoch + 1
+            if rekey:
+                rk = self.keys.room(room)
+                prev = (
+                    EpochId(info.epoch, rk.heads.get(info.epoch, b"\0" * 32))
+                    if info.epoch
+                    else None
+                )
+                built = build_rekey(
+                    room=room,
+                    epoch_number=epoch,
+                    prev_epoch=prev,
+                    roster_head=new_state.head,
+                    device_list_version=info.device_list_version,
+                    committer=self.keys.device,
+                    recipients=await self.recipients(new_state),
+                )
+                manifest, wraps, secret = built.manifest, built.wraps, built.secret
+            try:
+                done: Committed = await self.request(
+                    Commit(
+                        rid=self.rid(), room=room, change=change, manifest=manifest, wraps=wraps
+                    ),
+                    Committed,
+                )
+            except RequestError as exc:
+                retry = exc.code in (
+                    ErrorCode.RECIPIENTS_MISMATCH,
+                    ErrorCode.ROSTER_CONFLICT,
+                    ErrorCode.STALE_EPOCH,
+                )
+                if retry and attempt < 2:
+                    continue
+                raise
+            if rekey:
+                self._keep_epoch(room, epoch, new_state.head, secret)
+            return done.seq
+        raise RequestError(ErrorCode.ROSTER_CONFLICT, "could not commit")  # pragma: no cover
+
+    async def _await_epoch(self, room: str, timeout: float = 15.0) -> None:
+        """Wait until this device holds the room's current epoch key (its wrap may still be
+        on its way), or raise ``UnknownEpoch``."""
+        _state, info = await self.roster(room)
+        async with asyncio.timeout(timeout):
+            while self.keys.room(room).current < info.epoch:
+                self._epoch_changed.clear()
+                await self._epoch_changed.wait()
+
+    def _keep_epoch(self, room: str, number: int, head: bytes, secret: bytes) -> None:
+        rk = self.keys.room(room)
+        rk.epochs[number] = secret
+        rk.heads[number] = head
+        if number > rk.current:
+            rk.current, rk.counter = number, 0
+        self.pending[room] = False
+        self.keys.save()
+        self._epoch_changed.set()
+
+    # messages ---------------------------------------------------------------------------
+    async def seal(self, room: str, body: dict[str, Any], *, priority: str = "routine") -> Sealed:
+        rk = self.keys.room(room)
+        if rk.current == 0 or self.pending.get(room):
+            await self.refresh(room)
+        await self._await_epoch(room)
+        rk = self.keys.room(room)
+        mid = os.urandom(16)
+        header = MessageHeader(
+            room=room,
+            epoch=rk.current,
+            roster_head=rk.heads[rk.current],
+            sender_device=self.keys.device_id,
+            counter=rk.counter,
+            mid=mid,
+            priority=priority,
+        )
+        rk.counter += 1
+        self.keys.save()
+        env = seal_message(
+            header, body, epoch_secret=rk.epochs[rk.current], device=self.keys.device
+        )
+        return Sealed(mid, env.encode())
+
+    async def submit(self, room: str, sealed: Sealed, *, urgent_role: str | None) -> int:
+        frame: Send | Summon
+        if urgent_role is not None:
+            frame = Summon(
+                rid=self.rid(),
+                room=room,
+                mid=sealed.mid,
+                envelope=sealed.envelope,
+                role=urgent_role,
+            )
+        else:
+            frame = Send(rid=self.rid(), room=room, mid=sealed.mid, envelope=sealed.envelope)
+        ack: Ack = await self.request(frame, Ack)
+        return ack.seq
+
+    async def process(self, ev: Deliver) -> tuple[Any, str | None]:
+        if ev.kind == "roster":
+            return await self._on_roster(ev)
+        if ev.kind == "rekey":
+            await self._on_rekey(ev)
+            return None, None
+        return await self.decrypt_event(ev)
+
+    async def _on_roster(self, ev: Deliver) -> tuple[Any, str | None]:
+        entry = decode_entry(ev.payload)
+        target = entry.params.get("user") if entry.action != "leave" else entry.signer_user
+        if entry.action == "genesis":
+            target = entry.params.get("owner")
+        notice = {"type": "notice", "action": entry.action, "user": target}
+        if entry.action in ("remove", "leave") and target == self.keys.user:
+            self.keys.forget_room(ev.room)
+            self.rosters.pop(ev.room, None)
+            return notice, None
+        try:
+            await self.roster(ev.room)
+        except RequestError as exc:
+            if exc.code != ErrorCode.FORBIDDEN:
+                raise
+        return notice, None
+
+    async def _on_rekey(self, ev: Deliver) -> None:
+        if ev.wrap is None:
+            return
+        key = await self.device_key(ev.room, ev.user, ev.sender)
+        manifest = RekeyManifest.verify(ev.payload, key)
+        secret = open_rekey(
+            manifest, ev.wrap, device_id=self.keys.device_id, receiving=self.keys.receiving
+        )
+        self._keep_epoch(ev.room, manifest.epoch_number, manifest.roster_head, secret)
+
+    async def device_key(self, room: str, user: str, device: str) -> bytes:
+        cached = self._device_keys.get((user, device))
+        if cached is not None:
+            return cached
+        state = self.rosters.get(room)
+        if state is None or user not in state.members:
+            state, _ = await self.roster(room)
+        member = state.members.get(user)
+        if member is None:
+            raise RequestError(ErrorCode.UNCERTIFIED_DEVICE, "sender is not a member")
+        reply: Devices = await self.request(GetDevices(rid=self.rid(), users=(user,)), Devices)
+        for u in reply.users:
+            for raw in u.certificates:
+                try:
+                    cert = DeviceCertificate.verify(raw, member.identity_key)
+                except MedrelayError:
+                    continue
+                if cert.user_id == user:
+                    self._device_keys[(user, cert.device_id)] = cert.device_key
+        found = self._device_keys.get((user, device))
+        if found is None:
+            raise RequestError(ErrorCode.UNCERTIFIED_DEVICE, "sender device is not certified")
+        return found
+
+    async def decrypt_event(self, ev: Deliver) -> tuple[Any, str | None]:
+        if ev.kind not in ("message", "summon"):
+            return {"type": "notice", "kind": ev.kind}, None
+        env = Envelope.decode(ev.payload)
+        header = env.header
+        secret = self.keys.room(ev.room).epochs.get(header.epoch)
+        if secret is None:
+            return None, (
+                f"undecryptable: no key for epoch {header.epoch} (withheld because you were not "
+                "a member then, or its key has not reached this device)"
+            )
+        key = await self.device_key(ev.room, ev.user, header.sender_device)
+        _, body = open_message(env, sender_key=key, epoch_secret=secret)
+        replay = (ev.room, header.sender_device, header.epoch, header.counter)
+        if replay in self._seen:
+            return None, "dropped: a replay of an earlier message"
+        self._seen.add(replay)
+        return body, None
+
+    async def history(self, room: str, *, before: int, limit: int) -> tuple[Deliver, ...]:
+        page: HistoryPage = await self.request(
+            History(rid=self.rid(), room=room, before=before, limit=limit), HistoryPage
+        )
+        return page.events
+
+    # attachments ------------------------------------------------------------------------
+    async def upload(self, room: str, data: bytes) -> dict[str, Any]:
+        blob = os.urandom(16)
+        enc = encrypt_attachment(data, blob)
+        last = len(enc.chunks) - 1
+        for i, chunk in enumerate(enc.chunks):
+            await self.request(
+                BlobPut(rid=self.rid(), room=room, blob=blob, index=i, data=chunk, final=i == last),
+                Ok,
+            )
+        return {
+            "blob": blob,
+            "key": enc.key,
+            "header": enc.header,
+            "size": enc.size,
+            "chunks": len(enc.chunks),
+        }
+
+    async def download(self, body: dict[str, Any]) -> bytes:
+        chunks = []
+        for i in range(int(body["chunks"])):
+            reply: BlobChunk = await self.request(
+                BlobGet(rid=self.rid(), blob=body["blob"], index=i), BlobChunk
+            )
+            chunks.append(reply.data)
+        return b"".join(decrypt_attachment(body["key"], body["header"], body["blob"], chunks))

@@ -1,0 +1,61 @@
+"""Development token issuer: HMAC-signed tokens for the embedded default and the tests.
+
+Enabled only by an explicit flag (``medrelay serve --dev-issuer``). It issues a token for any
+user name asked for, so it must never face a real network; production uses OIDC issuers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+
+from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.errors import RequestError
+
+from .base import Principal
+
+PREFIX = "mrdev1."
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class DevIssuer:
+    def __init__(self, key: bytes | None = None, *, ttl: int = 3600) -> None:
+        self._key = key if key is not None else os.urandom(32)
+        self.ttl = ttl
+
+    def __repr__(self) -> str:
+        return "DevIssuer(key=<redacted>)"
+
+    def issue(self, user: str, now: int, *, kind: str = "person", ttl: int | None = None) -> str:
+        claims = {"sub": user, "inst": "dev", "kind": kind, "exp": now + (ttl or self.ttl)}
+        body = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        return f"{PREFIX}{body}.{_b64(mac)}"
+
+    def verify(self, token: str, now: int) -> Principal:
+        try:
+            if not token.startswith(PREFIX):
+                raise ValueError
+            body, mac = token[len(PREFIX) :].split(".")
+            expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(expected, _unb64(mac)):
+                raise ValueError
+            claims = json.loads(_unb64(body))
+            user, kind, exp = str(claims["sub"]), str(claims["kind"]), int(claims["exp"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RequestError(ErrorCode.AUTH_FAILED, "invalid token") from exc
+        if not 0 < len(user) <= 128 or kind not in ("person", "tablet"):
+            raise RequestError(ErrorCode.AUTH_FAILED, "invalid token")
+        if now >= exp:
+            raise RequestError(ErrorCode.TOKEN_EXPIRED, "token expired")
+        return Principal(user=user, institution="dev", kind=kind, expires_at=exp)

@@ -1,0 +1,308 @@
+"""Local delivery: each node feeds its connected member devices every room event in seq order.
+
+Per room with local members online there is one :class:`RoomHub`. It processes the room's
+events strictly in seq order (``processed``), whether they arrive from the broker or are
+fetched from the store to fill a gap, and keeps the room's membership as of ``processed``:
+a removal at seq L takes effect on this node before it looks at L + 1, so a removed user's
+devices never get an event after L (I2), on every node, whatever the broker does.
+
+Per connection and room there is a cursor (the last seq queued to that device). A live event
+is queued directly when it is the cursor's successor; anything else (a resume, a gap, a
+rekey that carries a per-device wrap) is served by a *catch-up* that reads the store, which
+filters by the user's membership intervals. Frames are encoded once per event and the same
+bytes go to every recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from medrelay_protocol import codec
+from medrelay_protocol.canonical import pack_body, unpack_body
+from medrelay_protocol.codes import CloseCode
+from medrelay_protocol.crypto import SIGNATURE_SIZE
+from medrelay_protocol.errors import FrameError
+from medrelay_protocol.frames import Deliver
+
+from .fanout.base import Broker
+from .gateway.connection import Connection
+from .store.base import Store, StoredEvent
+
+log = logging.getLogger(__name__)
+
+ROOM_TOPIC = "room:"
+USER_TOPIC = "user:"
+RECEIVE_KINDS_FOR_DEVICE_ROLE = frozenset({"roster", "rekey"})
+
+
+def event_frame(ev: StoredEvent) -> bytes:
+    return codec.encode(
+        Deliver(
+            room=ev.room,
+            seq=ev.seq,
+            kind=ev.kind,
+            sender=ev.sender_device,
+            user=ev.sender_user,
+            ts=ev.ts,
+            payload=ev.payload,
+            wrap=ev.wrap,
+        )
+    )
+
+
+def broker_message(ev: StoredEvent) -> bytes:
+    """What one node tells the others: the seq, kind and the ready-to-send frame bytes."""
+    return pack_body([ev.room, ev.seq, ev.kind, event_frame(ev), roster_effects(ev)])
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    added: dict[str, str] = field(default_factory=dict)
+    removed: tuple[str, ...] = ()
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+def roster_effects(ev: StoredEvent) -> list[object]:
+    eff = parse_effects(ev)
+    return [eff.added, list(eff.removed), eff.roles]
+
+
+def parse_effects(ev: StoredEvent) -> Effects:
+    """Membership effect of a stored (already verified) roster event; empty for others."""
+    if ev.kind != "roster":
+        return Effects()
+    try:
+        body = unpack_body(ev.payload[:-SIGNATURE_SIZE])
+        action, params, signer = body[4], body[5], body[6]
+    except (FrameError, IndexError, TypeError):
+        log.error("unparseable stored roster entry in room %s seq %d", ev.room, ev.seq)
+        return Effects()
+    if action == "genesis":
+        return Effects(added={str(params["owner"]): "owner"})
+    if action == "add":
+        return Effects(added={str(params["user"]): str(params["role"])})
+    if action == "remove":
+        return Effects(removed=(str(params["user"]),))
+    if action == "leave":
+        return Effects(removed=(str(signer.get("user")),))
+    if action == "role":
+        return Effects(roles={str(params["user"]): str(params["role"])})
+    return Effects()
+
+
+class Registry:
+    """The connections of this node, by user."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, set[Connection]] = {}
+
+    def add(self, conn: Connection) -> None:
+        self.by_user.setdefault(conn.user, set()).add(conn)
+
+    def remove(self, conn: Connection) -> None:
+        conns = self.by_user.get(conn.user)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.by_user[conn.user]
+
+    def of_user(self, user: str) -> Iterable[Connection]:
+        return tuple(self.by_user.get(user, ()))
+
+    def device_count(self, device: str) -> int:
+        return sum(1 for conns in self.by_user.values() for c in conns if c.device == device)
+
+    def all(self) -> Iterable[Connection]:
+        return tuple(c for conns in self.by_user.values() for c in conns)
+
+
+class RoomHub:
+    def __init__(self, room: str, processed: int, members: dict[str, str]) -> None:
+        self.room = room
+        self.processed = processed
+        self.members = members
+        self.conns: set[Connection] = set()
+        self.lock = asyncio.Lock()
+
+
+class Delivery:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        broker: Broker,
+        registry: Registry,
+        replay_batch: int,
+        on_delivered: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.registry = registry
+        self.replay_batch = replay_batch
+        self.hubs: dict[str, RoomHub] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_delivered = on_delivered
+
+    # subscriptions ---------------------------------------------------------------------
+    async def attach_user(self, conn: Connection) -> None:
+        if len(tuple(self.registry.of_user(conn.user))) == 1:
+            await self.broker.subscribe(USER_TOPIC + conn.user, self._on_user_notice)
+
+    async def detach(self, conn: Connection) -> None:
+        for room in list(conn.cursors):
+            await self.unsubscribe(conn, room)
+        if not tuple(self.registry.of_user(conn.user)):
+            await self.broker.unsubscribe(USER_TOPIC + conn.user, self._on_user_notice)
+
+    async def subscribe(self, conn: Connection, room: str, after_seq: int) -> None:
+        """Start feeding ``room`` to ``conn`` from ``after_seq``; returns once caught up."""
+        hub = await self._hub(room)
+        hub.conns.add(conn)
+        conn.cursors.setdefault(room, after_seq)
+        await self._catch_up(conn, hub)
+
+    async def unsubscribe(self, conn: Connection, room: str) -> None:
+        conn.cursors.pop(room, None)
+        hub = self.hubs.get(room)
+        if hub is None:
+            return
+        hub.conns.discard(conn)
+        if not hub.conns:
+            del self.hubs[room]
+            await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
+
+    async def _hub(self, room: str) -> RoomHub:
+        hub = self.hubs.get(room)
+        if hub is not None:
+            return hub
+        state = await self.store.room_state(room)  # last_seq first, then members (see docs)
+        members = await self.store.members(room)
+        hub = self.hubs.get(room)
+        if hub is None:
+            hub = RoomHub(room, state.last_seq if state else 0, members)
+            self.hubs[room] = hub
+            await self.broker.subscribe(ROOM_TOPIC + room, self._on_room_message)
+        return hub
+
+    # events ----------------------------------------------------------------------------
+    async def publish(
+        self, events: Iterable[StoredEvent], notify_users: Iterable[str] = ()
+    ) -> None:
+        """After commit: tell every node (this one included) about the new events."""
+        for ev in events:
+            await self.broker.publish(ROOM_TOPIC + ev.room, broker_message(ev))
+            for user in parse_effects(ev).added:
+                await self.broker.publish(USER_TOPIC + user, pack_body([ev.room, ev.seq]))
+        for user in notify_users:
+            await self.broker.publish(USER_TOPIC + user, pack_body(["", 0]))
+
+    async def _on_user_notice(self, topic: str, payload: bytes) -> None:
+        user = topic[len(USER_TOPIC) :]
+        try:
+            room, _seq = unpack_body(payload)
+        except (FrameError, ValueError, TypeError):
+            return
+        if not isinstance(room, str) or not room:
+            return
+        for conn in self.registry.of_user(user):
+            if room not in conn.cursors and not conn.closed:
+                self._spawn(self.subscribe(conn, room, 0))
+
+    async def _on_room_message(self, topic: str, payload: bytes) -> None:
+        try:
+            room, seq, kind, frame, eff = unpack_body(payload, max_size=1024 * 1024)
+        except (FrameError, ValueError, TypeError):
+            log.warning("undecodable broker message on %s", topic)
+            return
+        hub = self.hubs.get(room)
+        if hub is None:
+            return
+        async with hub.lock:
+            if seq <= hub.processed:
+                return
+            if seq > hub.processed + 1:
+                await self._fill_gap(hub, seq - 1)
+            if seq == hub.processed + 1:
+                effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]))
+                self._process(hub, seq, kind, frame, effects)
+
+    async def _fill_gap(self, hub: RoomHub, upto: int) -> None:
+        while hub.processed < upto:
+            events = await self.store.room_events(hub.room, hub.processed, limit=self.replay_batch)
+            if not events:
+                return
+            for ev in events:
+                if ev.seq > upto:
+                    return
+                self._process(hub, ev.seq, ev.kind, event_frame(ev), parse_effects(ev))
+
+    def _process(self, hub: RoomHub, seq: int, kind: str, frame: bytes, eff: Effects) -> None:
+        hub.processed = seq
+        for conn in tuple(hub.conns):
+            self._offer(conn, hub, seq, kind, frame)
+        for user, role in {**eff.added, **eff.roles}.items():
+            hub.members[user] = role
+        for user in eff.removed:
+            hub.members.pop(user, None)
+            for conn in tuple(hub.conns):
+                if conn.user == user:
+                    hub.conns.discard(conn)
+                    conn.cursors.pop(hub.room, None)
+
+    def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> None:
+        if conn.closed or hub.room in conn.catching_up:
+            return
+        cursor = conn.cursors.get(hub.room)
+        if cursor is None or seq <= cursor:
+            return
+        role = hub.members.get(conn.user)
+        if seq == cursor + 1 and kind != "rekey":
+            conn.cursors[hub.room] = seq
+            if role is None or (role == "device" and kind not in RECEIVE_KINDS_FOR_DEVICE_ROLE):
+                return
+            if conn.enqueue(frame) and self._on_delivered is not None:
+                self._on_delivered(1)
+            return
+        self._spawn(self._catch_up(conn, hub))
+
+    async def _catch_up(self, conn: Connection, hub: RoomHub) -> None:
+        room = hub.room
+        if room in conn.catching_up:
+            return
+        conn.catching_up.add(room)
+        try:
+            while not conn.closed and room in conn.cursors:
+                cursor = conn.cursors[room]
+                target = hub.processed
+                events = await self.store.events_after(
+                    room, cursor, user=conn.user, device=conn.device, limit=self.replay_batch
+                )
+                if room not in conn.cursors:
+                    return
+                for ev in events:
+                    if not conn.enqueue(event_frame(ev)):
+                        return
+                    conn.cursors[room] = ev.seq
+                    if self._on_delivered is not None:
+                        self._on_delivered(1)
+                if not events:
+                    conn.cursors[room] = max(conn.cursors[room], target)
+                    if conn.cursors[room] >= hub.processed:
+                        return
+        finally:
+            conn.catching_up.discard(room)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in self.registry.all():
+            conn.abort(CloseCode.SERVER_SHUTDOWN, "server shutting down")

@@ -1,0 +1,1 @@
+"""The WebSocket gateway: socket endpoint, per-connection bounded queue, local registry."""

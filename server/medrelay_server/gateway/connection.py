@@ -1,0 +1,106 @@
+"""One authenticated socket: a bounded outbound queue drained by a single writer task.
+
+Producers never await a recipient: ``enqueue`` either queues the (shared) frame bytes or,
+when the queue is full, marks the connection as a slow consumer and closes it with
+``SLOW_CONSUMER``; the client resumes from its last seq. Ephemeral frames (typing, read
+markers) are shed first: they are dropped once the queue is half full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from medrelay_protocol.codes import CloseCode
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+SendBytes = Callable[[bytes], Awaitable[None]]
+CloseFn = Callable[[int, str], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Connection:
+    user: str
+    device: str
+    device_key: bytes
+    kind: str
+    send_bytes: SendBytes
+    close_fn: CloseFn
+    queue_limit: int
+    expires_at: int
+    id: int = field(default_factory=lambda: next(_ids))
+    cursors: dict[str, int] = field(default_factory=dict)
+    catching_up: set[str] = field(default_factory=set)
+    closed: bool = False
+    reauth_deadline: int | None = None
+    close_code: int | None = None
+    _queue: asyncio.Queue[bytes | None] = field(init=False)
+    _writer: asyncio.Task[None] | None = field(default=None, init=False)
+    on_sent: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.queue_limit)
+
+    def __repr__(self) -> str:
+        return f"Connection(id={self.id}, user={self.user!r}, device={self.device!r})"
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def enqueue(self, data: bytes, *, ephemeral: bool = False) -> bool:
+        """Queue frame bytes without waiting. False if dropped (ephemeral) or closing."""
+        if self.closed:
+            return False
+        if ephemeral and self._queue.qsize() * 2 >= self.queue_limit:
+            return False
+        try:
+            self._queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: resume from your last seq")
+            return False
+        return True
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close soon, from any context: stop the writer and close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+        with contextlib.suppress(Exception):
+            await self.close_fn(code, reason)
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                data = await self._queue.get()
+                if data is None:
+                    return
+                await self.send_bytes(data)
+                if self.on_sent is not None:
+                    self.on_sent(len(data))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket went away; the reader side notices and cleans up
+            self.closed = True
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer

@@ -1,0 +1,58 @@
+"""Device registration and the key directory. The server stores what users' keys signed;
+it cannot make a certificate or bundle itself."""
+
+from __future__ import annotations
+
+from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.errors import MedrelayError, RequestError
+from medrelay_protocol.frames import Devices, GetDevices, Ok, RegisterDevice, UserDevices
+from medrelay_protocol.identity import DeviceBundle, DeviceCertificate
+
+from ..gateway.connection import Connection
+from ..gateway.context import Gateway
+from ..store.base import DeviceRecord
+
+
+async def handle_register_device(gw: Gateway, conn: Connection, frame: RegisterDevice) -> None:
+    now = gw.clock.now()
+    try:
+        cert = DeviceCertificate.verify(frame.certificate, frame.identity_key)
+        DeviceBundle.verify(frame.bundle, conn.device_key, now=now)
+    except MedrelayError as exc:
+        raise RequestError(ErrorCode.BAD_SIGNATURE, "certificate or bundle invalid") from exc
+    if (cert.user_id, cert.device_id, cert.device_key) != (conn.user, conn.device, conn.device_key):
+        raise RequestError(ErrorCode.FORBIDDEN, "certificate names another user or device")
+    if (cert.kind == "tablet") != (conn.kind == "tablet"):
+        raise RequestError(ErrorCode.FORBIDDEN, "device kind does not match the account")
+    await gw.store.put_identity(conn.user, frame.identity_key, now)
+    await gw.store.put_device(
+        DeviceRecord(
+            user=conn.user,
+            device_id=conn.device,
+            signing_key=conn.device_key,
+            certificate=frame.certificate,
+            bundle=frame.bundle,
+            kind=cert.kind,
+            created_at=now,
+        )
+    )
+    await gw.store.journal([gw.audit(conn, "device_register", target=conn.device)])
+    gw.reply(conn, Ok(rid=frame.rid))
+
+
+async def handle_get_devices(gw: Gateway, conn: Connection, frame: GetDevices) -> None:
+    users = sorted(set(frame.users))
+    records = await gw.store.devices_for(users)
+    out = []
+    for user in users:
+        mine = [r for r in records if r.user == user]
+        out.append(
+            UserDevices(
+                user=user,
+                identity_key=await gw.store.get_identity(user),
+                certificates=tuple(r.certificate for r in mine if not r.revoked)[:64],
+                bundles=tuple(r.bundle for r in mine if not r.revoked)[:64],
+                revoked=tuple(r.device_id for r in mine if r.revoked)[:256],
+            )
+        )
+    gw.reply(conn, Devices(rid=frame.rid, users=tuple(out)))

@@ -1,0 +1,256 @@
+"""Room creation and membership commits: the server verifies every roster change and rekey
+manifest it is given, then applies them with a compare-and-set on the roster head.
+
+The server can refuse but never invent: it holds no key that could sign a roster entry,
+certificate or manifest, so it cannot add a member or a device on its own (I5). It refuses a
+rekey that does not wrap for exactly the certified devices of the members after the change
+(I6, ``RECIPIENTS_MISMATCH`` with the missing and extra device ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.epochs import RekeyManifest, check_recipients
+from medrelay_protocol.errors import MedrelayError, RequestError
+from medrelay_protocol.frames import Commit as CommitFrame
+from medrelay_protocol.frames import Committed, CreateRoom
+from medrelay_protocol.policy import may_commit_epoch
+from medrelay_protocol.roster import RosterEntry, RosterState, certified_devices, verify_entry
+from medrelay_protocol.roster import verify_roster as verify_roster_chain
+
+from ..gateway.connection import Connection
+from ..gateway.context import Gateway
+from ..store.base import Commit, MembershipChange, RoomState
+
+MEMBER_CHANGES_NEEDING_REKEY = frozenset({"add", "remove"})
+PENDING_CHANGES = frozenset({"leave", "revoke_device"})
+
+
+def _refuse(exc: MedrelayError) -> RequestError:
+    return RequestError(exc.code, exc.message)
+
+
+async def expected_devices(gw: Gateway, roster: RosterState) -> dict[str, bytes]:
+    """Certified, unrevoked devices of the roster's members: device id -> receiving key."""
+    records = await gw.store.devices_for(sorted(roster.members))
+    live = [r for r in records if not r.revoked]
+    certs: dict[str, list[bytes]] = {}
+    for r in live:
+        certs.setdefault(r.user, []).append(r.certificate)
+    certified = certified_devices(roster, certs, now=gw.clock.now())
+    from medrelay_protocol.identity import DeviceBundle
+
+    out: dict[str, bytes] = {}
+    for r in live:
+        if r.device_id in certified:
+            try:
+                out[r.device_id] = DeviceBundle.verify(r.bundle, r.signing_key).receiving_key
+            except MedrelayError:
+                continue
+    return out
+
+
+async def _check_manifest(
+    gw: Gateway,
+    conn: Connection,
+    *,
+    room: str,
+    raw: bytes,
+    wraps: Mapping[str, bytes],
+    epoch: int,
+    roster: RosterState,
+    device_list_version: int | None,
+) -> RekeyManifest:
+    try:
+        manifest = RekeyManifest.verify(raw, conn.device_key)
+    except MedrelayError as exc:
+        raise RequestError(ErrorCode.BAD_SIGNATURE, "rekey manifest signature invalid") from exc
+    if manifest.committer_device != conn.device or manifest.room != room:
+        raise RequestError(ErrorCode.INVALID_FIELD, "manifest names another device or room")
+    if manifest.epoch_number != epoch:
+        raise RequestError(ErrorCode.STALE_EPOCH, f"the next epoch is {epoch}")
+    if manifest.roster_head != roster.head:
+        raise RequestError(ErrorCode.ROSTER_CONFLICT, "manifest names another roster head")
+    if device_list_version is not None and manifest.device_list_version != device_list_version:
+        raise RequestError(
+            ErrorCode.RECIPIENTS_MISMATCH, "stale device list version; fetch devices again"
+        )
+    expected = await expected_devices(gw, roster)
+    missing, extra = check_recipients(manifest.recipients, expected)
+    if missing or extra:
+        raise RequestError(
+            ErrorCode.RECIPIENTS_MISMATCH,
+            "wraps must cover exactly the certified member devices",
+            detail={"missing": missing, "extra": extra},
+        )
+    if set(wraps) != set(manifest.recipients):
+        raise RequestError(ErrorCode.INVALID_FIELD, "wraps do not match the manifest")
+    for device, wrap in wraps.items():
+        try:
+            manifest.check_wrap(device, wrap)
+        except MedrelayError as exc:
+            raise RequestError(ErrorCode.BAD_SIGNATURE, "a wrap is not the one signed") from exc
+    return manifest
+
+
+def _signed_by_caller(conn: Connection, entry: RosterEntry) -> None:
+    if entry.external:
+        return
+    if entry.signer_user != conn.user or entry.signer_device != conn.device:
+        raise RequestError(ErrorCode.FORBIDDEN, "a change must be signed by the sending device")
+
+
+async def handle_create_room(gw: Gateway, conn: Connection, frame: CreateRoom) -> None:
+    try:
+        roster, entry = verify_entry(None, frame.genesis)
+    except MedrelayError as exc:
+        raise _refuse(exc) from exc
+    _signed_by_caller(conn, entry)
+    if roster.room != frame.room or frame.manifest is None or frame.wraps is None:
+        raise RequestError(ErrorCode.INVALID_FIELD, "genesis must name this room, with a rekey")
+    owner = roster.members[conn.user]
+    pinned = await gw.store.get_identity(conn.user)
+    if pinned is not None and pinned != owner.identity_key:
+        raise RequestError(ErrorCode.FORBIDDEN, "genesis names another identity key")
+    await _check_manifest(
+        gw,
+        conn,
+        room=frame.room,
+        raw=frame.manifest,
+        wraps=frame.wraps,
+        epoch=1,
+        roster=roster,
+        device_list_version=None,
+    )
+    events = await gw.store.create_room(
+        frame.room,
+        genesis=frame.genesis,
+        head=roster.head,
+        owner=conn.user,
+        sender_device=conn.device,
+        manifest=frame.manifest,
+        wraps=frame.wraps,
+        now=gw.clock.now(),
+        audit=[
+            gw.audit(conn, "room_create", room=frame.room),
+            gw.audit(conn, "key_rotation", room=frame.room, detail="epoch 1"),
+        ],
+    )
+    gw.reply(conn, Committed(rid=frame.rid, room=frame.room, seq=events[-1].seq))
+    await gw.delivery.publish(events)
+
+
+def _membership(entry: RosterEntry) -> MembershipChange | None:
+    p = entry.params
+    if entry.action == "add":
+        history = p.get("history_from_seq")
+        return MembershipChange(
+            add={str(p["user"]): str(p["role"])},
+            history_from_seq={str(p["user"]): int(history)} if history is not None else {},
+        )
+    if entry.action == "remove":
+        return MembershipChange(remove=(str(p["user"]),))
+    if entry.action == "leave" and entry.signer_user is not None:
+        return MembershipChange(remove=(entry.signer_user,))
+    if entry.action == "role":
+        return MembershipChange(roles={str(p["user"]): str(p["role"])})
+    return None
+
+
+async def handle_commit(gw: Gateway, conn: Connection, frame: CommitFrame) -> None:
+    state = await gw.store.room_state(frame.room)
+    role = await gw.store.member_role(frame.room, conn.user)
+    if state is None or role is None:
+        raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
+    try:
+        roster = verify_roster_chain(await gw.store.roster_entries(frame.room), room=frame.room)
+    except MedrelayError as exc:  # our own store holds a bad chain: never build on it
+        raise RequestError(ErrorCode.INTERNAL_ERROR, "stored roster does not verify") from exc
+    new_roster, entry = roster, None
+    if frame.change is not None:
+        try:
+            new_roster, entry = verify_entry(roster, frame.change)
+        except MedrelayError as exc:
+            raise _refuse(exc) from exc
+        _signed_by_caller(conn, entry)
+    elif frame.manifest is None:
+        raise RequestError(ErrorCode.INVALID_FIELD, "a commit needs a change or a rekey")
+    commit = await _plan(gw, conn, frame, state, role, roster, new_roster, entry)
+    audit = []
+    if entry is not None:
+        audit.append(
+            gw.audit(
+                conn,
+                "membership_change",
+                room=frame.room,
+                target=_target(entry),
+                detail=entry.action,
+            )
+        )
+    if commit.new_epoch is not None:
+        audit.append(
+            gw.audit(conn, "key_rotation", room=frame.room, detail=f"epoch {commit.new_epoch}")
+        )
+    events = await gw.store.commit(commit, now=gw.clock.now(), audit=audit)
+    gw.reply(conn, Committed(rid=frame.rid, room=frame.room, seq=events[-1].seq))
+    await gw.delivery.publish(events)
+
+
+def _target(entry: RosterEntry) -> str | None:
+    user = entry.params.get("user", entry.signer_user)
+    return str(user) if user is not None else None
+
+
+async def _plan(
+    gw: Gateway,
+    conn: Connection,
+    frame: CommitFrame,
+    state: RoomState,
+    role: str,
+    roster: RosterState,
+    new_roster: RosterState,
+    entry: RosterEntry | None,
+) -> Commit:
+    membership = _membership(entry) if entry is not None else None
+    new_epoch: int | None = None
+    pending = state.pending_rekey
+    if frame.manifest is not None:
+        if not may_commit_epoch(role) or conn.kind == "tablet":
+            raise RequestError(ErrorCode.FORBIDDEN, "this role may not commit epochs")
+        if not new_roster.is_member(conn.user):
+            raise RequestError(ErrorCode.INVALID_FIELD, "a leaving member cannot rekey")
+        await _check_manifest(
+            gw,
+            conn,
+            room=frame.room,
+            raw=frame.manifest,
+            wraps=frame.wraps or {},
+            epoch=state.epoch + 1,
+            roster=new_roster,
+            device_list_version=state.device_list_version,
+        )
+        new_epoch, pending = state.epoch + 1, False
+    elif (
+        (entry is not None
+        and entry.action in PENDING_CHANGES)
+        or (entry is not None and entry.external)
+    ):
+        pending = True
+    elif entry is not None and entry.action in MEMBER_CHANGES_NEEDING_REKEY:
+        raise RequestError(ErrorCode.REKEY_REQUIRED, "commit this change with its rekey")
+    return Commit(
+        room=frame.room,
+        expected_head=roster.head,
+        expected_epoch=state.epoch,
+        sender_user=conn.user,
+        sender_device=conn.device,
+        entry=frame.change,
+        new_head=new_roster.head if entry is not None else None,
+        membership=membership,
+        manifest=frame.manifest,
+        wraps=dict(frame.wraps or {}),
+        new_epoch=new_epoch,
+        pending_rekey=pending,
+    )

@@ -1,0 +1,40 @@
+"""Server settings: one frozen object built by the CLI (or tests) and passed to create_app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int = 512 * 1024
+    outbound_queue: int = 1024
+    sends_per_second: float = 20.0
+    send_burst: int = 40
+    connections_per_device: int = 3
+    handshake_seconds: float = 10.0
+    reauth_grace_seconds: float = 30.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    max_blob_bytes: int = 64 * 1024 * 1024
+    max_room_blob_bytes: int = 1024 * 1024 * 1024
+    history_page: int = 200
+    replay_batch: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("medrelay-data")
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8700
+    dev_issuer: bool = False
+    node_id: str = "node-1"
+    allowed_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'medrelay.sqlite3'}"

@@ -1,0 +1,31 @@
+"""Durable state: the ``Store`` interface (:mod:`.base`) and its SQL implementation.
+
+``SqlStore`` (SQLite or PostgreSQL) is imported from :mod:`.sql` by the composition root;
+importing this package alone does not load SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    AppendResult,
+    AuditRecord,
+    Commit,
+    DeviceRecord,
+    MembershipChange,
+    RoomState,
+    Store,
+    StoredEvent,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "AppendResult",
+    "AuditRecord",
+    "Commit",
+    "DeviceRecord",
+    "MembershipChange",
+    "RoomState",
+    "Store",
+    "StoreUnavailable",
+    "StoredEvent",
+]

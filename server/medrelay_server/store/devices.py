@@ -1,0 +1,117 @@
+"""Pinned user identity keys and certified devices.
+
+The store never creates a key or a certificate; it pins what verified callers hand it.
+A device's signing key and owner never change; its revocation is permanent. A device list
+change that a rekey must account for (a new device, or a device revoked) increments
+``device_list_version`` of every room in which the owner is a current member, so a rekey
+naming an older version can be refused (ARCHITECTURE I6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from medrelay_protocol.codes import ErrorCode
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import schema as t
+from .base import DeviceRecord
+from .rows import refuse
+
+
+def _insert_if_absent(conn: AsyncConnection, table: sa.Table, **values: Any) -> Any:
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    return insert(table).values(**values).on_conflict_do_nothing()
+
+
+async def put_identity(conn: AsyncConnection, user: str, identity_key: bytes, now: int) -> None:
+    stmt = _insert_if_absent(
+        conn, t.identities, user_id=user, identity_key=identity_key, created_at=now
+    )
+    if (await conn.execute(stmt)).rowcount == 1:
+        return
+    pinned = await get_identity(conn, user)
+    if pinned != identity_key:
+        raise refuse(ErrorCode.ALREADY_EXISTS, "identity key already pinned")
+
+
+async def get_identity(conn: AsyncConnection, user: str) -> bytes | None:
+    i = t.identities.c
+    key = (await conn.execute(sa.select(i.identity_key).where(i.user_id == user))).scalar()
+    return None if key is None else bytes(key)
+
+
+async def put_device(conn: AsyncConnection, device: DeviceRecord) -> None:
+    stmt = _insert_if_absent(
+        conn,
+        t.devices,
+        device_id=device.device_id,
+        user_id=device.user,
+        signing_key=device.signing_key,
+        certificate=device.certificate,
+        bundle=device.bundle,
+        kind=device.kind,
+        revoked=device.revoked,
+        created_at=device.created_at,
+    )
+    if (await conn.execute(stmt)).rowcount == 1:
+        await _bump_device_list_versions(conn, device.user)
+        return
+    d = t.devices.c
+    query = sa.select(t.devices).where(d.device_id == device.device_id).with_for_update()
+    old = (await conn.execute(query)).one()
+    if old.user_id != device.user or bytes(old.signing_key) != device.signing_key:
+        raise refuse(ErrorCode.ALREADY_EXISTS, "device id taken")
+    revoked = bool(old.revoked) or device.revoked
+    await conn.execute(
+        sa.update(t.devices)
+        .where(d.device_id == device.device_id)
+        .values(certificate=device.certificate, bundle=device.bundle, revoked=revoked)
+    )
+    if revoked and not old.revoked:
+        await _bump_device_list_versions(conn, device.user)
+
+
+async def _bump_device_list_versions(conn: AsyncConnection, user: str) -> None:
+    """Lock the user's rooms in a fixed order (no deadlock with another bump), then bump."""
+    r, m = t.rooms.c, t.memberships.c
+    current = sa.select(m.room).where(m.user_id == user, m.to_seq.is_(None))
+    query = sa.select(r.room).where(r.room.in_(current)).order_by(r.room).with_for_update()
+    rooms = list((await conn.execute(query)).scalars())
+    if rooms:
+        await conn.execute(
+            sa.update(t.rooms)
+            .where(r.room.in_(rooms))
+            .values(device_list_version=r.device_list_version + 1)
+        )
+
+
+async def get_device(conn: AsyncConnection, device_id: str) -> DeviceRecord | None:
+    query = sa.select(t.devices).where(t.devices.c.device_id == device_id)
+    row = (await conn.execute(query)).one_or_none()
+    return None if row is None else _device_of(row)
+
+
+async def devices_for(conn: AsyncConnection, users: Sequence[str]) -> list[DeviceRecord]:
+    if not users:
+        return []
+    d = t.devices.c
+    query = sa.select(t.devices).where(d.user_id.in_(list(users))).order_by(d.user_id, d.device_id)
+    return [_device_of(row) for row in await conn.execute(query)]
+
+
+def _device_of(row: Any) -> DeviceRecord:
+    return DeviceRecord(
+        user=row.user_id,
+        device_id=row.device_id,
+        signing_key=bytes(row.signing_key),
+        certificate=bytes(row.certificate),
+        bundle=bytes(row.bundle),
+        kind=row.kind,
+        revoked=bool(row.revoked),
+        created_at=row.created_at,
+    )

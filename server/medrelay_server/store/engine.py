@@ -1,0 +1,170 @@
+"""Connections for :class:`~medrelay_server.store.sql.SqlStore`: engines, transactions,
+error translation and migrations, for SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+Transactions:
+
+* PostgreSQL: writes lock the room row with ``SELECT ... FOR UPDATE`` (the queries do that);
+  an optional schema name is put first on every connection's ``search_path`` (asyncpg
+  ``server_settings``), so unqualified table names resolve into it. Tests use one fresh
+  schema per test.
+* SQLite: sqlite3's own transaction handling is switched off (``isolation_level = None``)
+  and the ``begin`` event emits ``BEGIN IMMEDIATE`` for writes (taking the database write
+  lock up front, so a read-then-write never fails to upgrade) and a plain ``BEGIN`` for
+  reads. Writes inside one process also queue on an ``asyncio.Lock``, so concurrent writers
+  wait in the event loop rather than on SQLite's busy handler; the busy timeout covers other
+  processes. The database runs in WAL mode, so readers never block the writer.
+
+Every database failure that means "cannot reach or use the database" becomes
+``StoreUnavailable`` here, at the boundary (``raise ... from``); ``RequestError`` refusals pass
+through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .base import StoreUnavailable
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+_WRITE = "medrelay_write"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+class Database:
+    """One engine plus the transaction discipline of its dialect.
+
+    ``read()`` and ``write()`` are async context managers yielding a connection inside a
+    transaction that commits on normal exit and rolls back on an exception.
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        parsed = make_url(url)
+        driver = _DRIVERS.get(parsed.drivername)
+        if driver is None:
+            raise ValueError(f"unsupported database driver {parsed.drivername!r}")
+        parsed = parsed.set(drivername=driver)
+        self.is_sqlite = driver.startswith("sqlite")
+        self.schema = schema
+        if self.is_sqlite:
+            if schema is not None:
+                raise ValueError("schema is only supported on PostgreSQL")
+            if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
+                raise ValueError("SQLite needs a database file (in-memory is not shared)")
+            self.engine = create_async_engine(parsed)
+            _install_sqlite_hooks(self.engine)
+        else:
+            if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+                raise ValueError("schema must be a lowercase SQL identifier")
+            connect_args: dict[str, Any] = {}
+            if schema is not None:
+                connect_args["server_settings"] = {"search_path": schema}
+            self.engine = create_async_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
+        self._writer: AsyncEngine = self.engine.execution_options(**{_WRITE: True})
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        with unavailable_on_db_error():
+            async with self.engine.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        with unavailable_on_db_error():
+            if self._write_lock is None:
+                async with self._writer.begin() as conn:
+                    yield conn
+            else:
+                async with self._write_lock, self._writer.begin() as conn:
+                    yield conn
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision, holding a migration lock (PostgreSQL:
+        an advisory lock per schema; SQLite: the write lock) so concurrent starts are safe."""
+        async with self.write() as conn:
+            if not self.is_sqlite:
+                key = f"medrelay-migrate:{self.schema or ''}"
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(key))))
+                if self.schema is not None:
+                    await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            await conn.run_sync(_upgrade)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _upgrade(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # includes ConnectionError and TimeoutError
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # connection pool exhausted
+    sa_exc.DisconnectionError,
+)
+
+
+# SQLSTATE classes meaning "try again later": connection exception, transaction rollback
+# (serialization failure, deadlock), insufficient resources, operator intervention.
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
+
+@contextlib.contextmanager
+def unavailable_on_db_error() -> Iterator[None]:
+    """Translate failures to reach (or keep using) the database into ``StoreUnavailable``."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable("database unavailable") from exc
+    except sa_exc.DBAPIError as exc:
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+        if exc.connection_invalidated or sqlstate[:2] in _RETRYABLE_SQLSTATE_CLASSES:
+            raise StoreUnavailable("database unavailable") from exc
+        raise

@@ -1,0 +1,161 @@
+"""Table definitions shared by the queries of :mod:`medrelay_server.store`.
+
+The migrations under ``medrelay_server/migrations/versions`` create these tables; they do
+not import this module (a migration is frozen once released, this module keeps moving), and
+``tests/server/test_store_contract.py`` checks that the two agree.
+
+Decisions:
+
+* ``rooms.last_seq`` is the per-room counter row: seqs are assigned from it under the room's
+  row lock, never from a SEQUENCE or autoincrement (ARCHITECTURE §9).
+* ``memberships`` holds closed intervals ``[from_seq, to_seq]`` per user and role; an open
+  interval (``to_seq`` NULL) is a current membership. ``grants`` holds history grants.
+* Columns are named ``user_id`` rather than ``user`` (a reserved word in PostgreSQL).
+* Times are integers chosen by the caller (the service's clock), never database defaults.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# BIGINT on PostgreSQL; INTEGER on SQLite so that an integer primary key auto-increments.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+rooms = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("room", sa.Text, primary_key=True),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("roster_head", sa.LargeBinary, nullable=False),
+    sa.Column("roster_length", sa.Integer, nullable=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("pending_rekey", sa.Boolean, nullable=False),
+    sa.Column("device_list_version", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("room", sa.Text, sa.ForeignKey("rooms.room"), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("sender_device", sa.Text, nullable=False),
+    sa.Column("sender_user", sa.Text, nullable=False),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("mid", sa.LargeBinary, nullable=True),
+    # NULL mids are distinct on both dialects, so roster and rekey events never collide.
+    sa.UniqueConstraint("room", "sender_device", "mid", name="uq_events_idempotency"),
+)
+
+roster = sa.Table(
+    "roster",
+    metadata,
+    sa.Column("room", sa.Text, sa.ForeignKey("rooms.room"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("entry", sa.LargeBinary, nullable=False),
+)
+
+wraps = sa.Table(
+    "wraps",
+    metadata,
+    sa.Column("room", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("wrap", sa.LargeBinary, nullable=False),
+    sa.ForeignKeyConstraint(["room", "seq"], ["events.room", "events.seq"]),
+)
+
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("room", sa.Text, sa.ForeignKey("rooms.room"), primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("from_seq", sa.BigInteger, primary_key=True),
+    sa.Column("to_seq", sa.BigInteger, nullable=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Index("ix_memberships_user", "user_id", "to_seq"),
+)
+
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("room", sa.Text, sa.ForeignKey("rooms.room"), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("from_seq", sa.BigInteger, nullable=False),
+    sa.Column("to_seq", sa.BigInteger, nullable=False),
+    sa.Column("granted_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_grants_room_user", "room", "user_id"),
+)
+
+identities = sa.Table(
+    "identities",
+    metadata,
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("identity_key", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, nullable=False, index=True),
+    sa.Column("signing_key", sa.LargeBinary, nullable=False),
+    sa.Column("certificate", sa.LargeBinary, nullable=False),
+    sa.Column("bundle", sa.LargeBinary, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("room", sa.Text, primary_key=True),
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("blob", sa.LargeBinary, primary_key=True),
+    sa.Column("room", sa.Text, sa.ForeignKey("rooms.room"), nullable=False, index=True),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("chunks", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("complete", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+blob_chunks = sa.Table(
+    "blob_chunks",
+    metadata,
+    sa.Column("blob", sa.LargeBinary, sa.ForeignKey("blobs.blob"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text, nullable=True),
+    sa.Column("device_id", sa.Text, nullable=True),
+    sa.Column("room", sa.Text, nullable=True, index=True),
+    sa.Column("seq_from", sa.BigInteger, nullable=True),
+    sa.Column("seq_to", sa.BigInteger, nullable=True),
+    sa.Column("mid", sa.LargeBinary, nullable=True),
+    sa.Column("target", sa.Text, nullable=True),
+    sa.Column("source", sa.Text, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+)

@@ -1,0 +1,239 @@
+"""``SqlStore``: the :class:`~medrelay_server.store.base.Store` over SQLAlchemy Core, on
+SQLite (aiosqlite) or PostgreSQL (asyncpg).
+
+Usage::
+
+    store = SqlStore("sqlite+aiosqlite:///var/lib/medrelay/medrelay.db")
+    store = SqlStore("postgresql+asyncpg://medrelay@db/medrelay", schema="medrelay")
+    await store.open()      # runs the Alembic migrations, then serves
+    ...
+    await store.close()
+
+Each method is one transaction (see :mod:`.engine` for how each dialect locks); the queries
+live in :mod:`.rooms`, :mod:`.messages`, :mod:`.devices` and :mod:`.blobs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import sqlalchemy as sa
+from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.errors import RequestError
+from sqlalchemy import exc as sa_exc
+
+from . import blobs, devices, messages, rooms
+from .base import AppendResult, AuditRecord, Commit, DeviceRecord, RoomState, StoredEvent
+from .engine import Database
+from .rows import current_role, get_room, read_audit, write_audit
+
+
+class SqlStore:
+    """The durable store. ``url`` is a SQLAlchemy URL (``sqlite://`` and ``postgresql://``
+    select the async drivers); ``schema`` (PostgreSQL only) puts every table into that
+    schema, created on ``open()`` if missing."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self._db = Database(url, schema=schema)
+
+    def __repr__(self) -> str:
+        dialect = "sqlite" if self._db.is_sqlite else "postgresql"
+        return f"SqlStore({dialect}, schema={self._db.schema!r})"
+
+    async def open(self) -> None:
+        await self._db.migrate()
+
+    async def close(self) -> None:
+        await self._db.dispose()
+
+    async def ping(self) -> None:
+        async with self._db.read() as conn:
+            await conn.execute(sa.select(1))
+
+    # identities and devices -------------------------------------------------------------
+    async def put_identity(self, user: str, identity_key: bytes, now: int) -> None:
+        async with self._db.write() as conn:
+            await devices.put_identity(conn, user, identity_key, now)
+
+    async def get_identity(self, user: str) -> bytes | None:
+        async with self._db.read() as conn:
+            return await devices.get_identity(conn, user)
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        async with self._db.write() as conn:
+            await devices.put_device(conn, device)
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        async with self._db.read() as conn:
+            return await devices.get_device(conn, device_id)
+
+    async def devices_for(self, users: Sequence[str]) -> list[DeviceRecord]:
+        async with self._db.read() as conn:
+            return await devices.devices_for(conn, users)
+
+    # rooms and membership ---------------------------------------------------------------
+    async def create_room(
+        self,
+        room: str,
+        *,
+        genesis: bytes,
+        head: bytes,
+        owner: str,
+        sender_device: str,
+        manifest: bytes,
+        wraps: Mapping[str, bytes],
+        now: int,
+        audit: Sequence[AuditRecord],
+    ) -> list[StoredEvent]:
+        try:
+            async with self._db.write() as conn:
+                return await rooms.create_room(
+                    conn,
+                    room,
+                    genesis=genesis,
+                    head=head,
+                    owner=owner,
+                    sender_device=sender_device,
+                    manifest=manifest,
+                    wraps=wraps,
+                    now=now,
+                    audit=audit,
+                )
+        except sa_exc.IntegrityError as exc:  # lost a race with a concurrent create
+            raise RequestError(ErrorCode.ALREADY_EXISTS, "room exists") from exc
+
+    async def room_state(self, room: str) -> RoomState | None:
+        async with self._db.read() as conn:
+            return await get_room(conn, room)
+
+    async def roster_entries(self, room: str) -> list[bytes]:
+        async with self._db.read() as conn:
+            return await rooms.roster_entries(conn, room)
+
+    async def member_role(self, room: str, user: str) -> str | None:
+        async with self._db.read() as conn:
+            return await current_role(conn, room, user)
+
+    async def members(self, room: str) -> dict[str, str]:
+        async with self._db.read() as conn:
+            return await rooms.members(conn, room)
+
+    async def rooms_for_user(self, user: str) -> list[tuple[RoomState, str]]:
+        async with self._db.read() as conn:
+            return await rooms.rooms_for_user(conn, user)
+
+    async def commit(
+        self, commit: Commit, *, now: int, audit: Sequence[AuditRecord]
+    ) -> list[StoredEvent]:
+        async with self._db.write() as conn:
+            return await rooms.commit(conn, commit, now=now, audit=audit)
+
+    async def append_message(
+        self,
+        room: str,
+        *,
+        user: str,
+        device: str,
+        mid: bytes,
+        envelope: bytes,
+        kind: str,
+        epoch: int,
+        allow_pending: bool,
+        now: int,
+        audit: Sequence[AuditRecord],
+    ) -> AppendResult:
+        async with self._db.write() as conn:
+            return await messages.append_message(
+                conn,
+                room,
+                user=user,
+                device=device,
+                mid=mid,
+                envelope=envelope,
+                kind=kind,
+                epoch=epoch,
+                allow_pending=allow_pending,
+                now=now,
+                audit=audit,
+            )
+
+    async def events_after(
+        self, room: str, after_seq: int, *, user: str, device: str, limit: int
+    ) -> list[StoredEvent]:
+        async with self._db.read() as conn:
+            return await messages.events_after(
+                conn, room, after_seq, user=user, device=device, limit=limit
+            )
+
+    async def events_before(
+        self, room: str, before_seq: int, *, user: str, device: str, limit: int
+    ) -> list[StoredEvent]:
+        async with self._db.read() as conn:
+            return await messages.events_before(
+                conn, room, before_seq, user=user, device=device, limit=limit
+            )
+
+    async def room_events(self, room: str, after_seq: int, *, limit: int) -> list[StoredEvent]:
+        async with self._db.read() as conn:
+            return await messages.room_events(conn, room, after_seq, limit=limit)
+
+    async def visible(self, room: str, seq: int, user: str) -> bool:
+        async with self._db.read() as conn:
+            return await messages.visible(conn, room, seq, user)
+
+    async def record_receipt(self, room: str, device: str, seq: int, now: int) -> int:
+        async with self._db.write() as conn:
+            return await messages.record_receipt(conn, room, device, seq, now)
+
+    async def receipt_of(self, room: str, device: str) -> int:
+        async with self._db.read() as conn:
+            return await messages.receipt_of(conn, room, device)
+
+    # attachments ------------------------------------------------------------------------
+    async def put_chunk(
+        self,
+        room: str,
+        blob: bytes,
+        index: int,
+        data: bytes,
+        final: bool,
+        *,
+        user: str,
+        now: int,
+        max_blob_bytes: int,
+        max_room_bytes: int,
+    ) -> None:
+        async with self._db.write() as conn:
+            await blobs.put_chunk(
+                conn,
+                room,
+                blob,
+                index,
+                data,
+                final,
+                user=user,
+                now=now,
+                max_blob_bytes=max_blob_bytes,
+                max_room_bytes=max_room_bytes,
+            )
+
+    async def get_chunk(self, blob: bytes, index: int) -> tuple[str, bytes, bool] | None:
+        async with self._db.read() as conn:
+            return await blobs.get_chunk(conn, blob, index)
+
+    async def blob_status(self, blob: bytes) -> tuple[str, int, bool] | None:
+        async with self._db.read() as conn:
+            return await blobs.blob_status(conn, blob)
+
+    async def delete_room_blobs_before(self, room: str, ts: int) -> int:
+        async with self._db.write() as conn:
+            return await blobs.delete_room_blobs_before(conn, room, ts)
+
+    # journal ----------------------------------------------------------------------------
+    async def journal(self, records: Sequence[AuditRecord]) -> None:
+        async with self._db.write() as conn:
+            await write_audit(conn, records)
+
+    async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
+        async with self._db.read() as conn:
+            return await read_audit(conn, room)

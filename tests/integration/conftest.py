@@ -1,0 +1,67 @@
+"""A real server on a loopback port 0 (SQLite file + in-process broker) and real clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from medrelay_client.client import Client
+from medrelay_client.keystore import KeyStore
+from medrelay_server.app import create_app
+from medrelay_server.auth.dev import DevIssuer
+from medrelay_server.clock import SystemClock
+from medrelay_server.fanout.memory import InMemoryBroker
+from medrelay_server.serve import Running, running
+from medrelay_server.settings import Limits, Settings
+from medrelay_server.store.sql import SqlStore
+
+
+@dataclass
+class Harness:
+    server: Running
+    issuer: DevIssuer
+    store: SqlStore
+    tmp: Path
+    clients: list[Client] = field(default_factory=list)
+
+    def token(self, user: str, kind: str = "person") -> str:
+        return self.issuer.issue(user, SystemClock().now(), kind=kind)
+
+    async def client(self, user: str, *, start: bool = True) -> Client:
+        keys = KeyStore.load_or_create(user, self.tmp / "keys" / user)
+
+        async def token() -> str:
+            return self.token(user)
+
+        c = Client(self.server.url, keys, token)
+        self.clients.append(c)
+        if start:
+            await c.start()
+        return c
+
+
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for h in _harness(tmp_path, Limits()):
+        yield h
+
+
+async def _harness(tmp_path: Path, limits: Limits) -> AsyncIterator[Harness]:
+    settings = Settings(data_dir=tmp_path, port=0, dev_issuer=True, limits=limits)
+    issuer = DevIssuer()
+    store = SqlStore(settings.resolved_database_url())
+    app = create_app(
+        settings, store=store, broker=InMemoryBroker(), clock=SystemClock(), identity=issuer
+    )
+    async with running(app, settings) as server:
+        h = Harness(server, issuer, store, tmp_path)
+        try:
+            yield h
+        finally:
+            for c in h.clients:
+                await c.close()
