@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from .canonical import pack_body, unpack_strict
-from .errors import InvalidField, MalformedFrame, UnknownFrameType
+from . import PROTOCOL_VERSION
+from .errors import InvalidField, MalformedFrame, UnknownFrameType, UnsupportedVersion
 from .frames import FRAME_TYPES, Frame
 
 MAX_FRAME = 512 * 1024
@@ -43,6 +44,8 @@ def decode(data: bytes, *, max_size: int = MAX_FRAME, from_client: bool | None =
     cls = FRAME_TYPES.get(kind)
     if cls is None or (from_client is not None and cls.CLIENT is not from_client):
         raise UnknownFrameType("unknown frame type")
+    if "v" in obj and obj["v"] != PROTOCOL_VERSION and any(s.name == "v" for s in cls.SPECS):
+        raise UnsupportedVersion("unsupported protocol version")
     frame: Frame = cls.from_wire(obj, skip=_SKIP)
     return frame
 

@@ -23,6 +23,7 @@ MANIFEST = 64 * 1024
 WRAP = 128
 CHUNK = 300 * 1024
 ROLE_CHOICES = ("owner", "member", "observer", "device")
+PRESENCE_CHOICES = ("online", "away", "offline")
 KIND_CHOICES = ("message", "roster", "rekey", "summon")
 
 R = TypeVar("R", bound=Record)
@@ -266,6 +267,14 @@ class ReadMarker(Frame):
     seq: int = SEQ()
 
 
+@client_frame("presence")
+@dataclass(frozen=True, slots=True)
+class Presence(Frame):
+    """Ephemeral: shared with members of the rooms this connection follows; never stored."""
+
+    status: str = bound(choices=PRESENCE_CHOICES)
+
+
 # ------------------------------------------------------------------ server -> client
 
 
@@ -399,6 +408,13 @@ class ReadMarkerEvent(Frame):
     room: str = ROOM_ID()
     user: str = bound(min_len=1, max_len=USER)
     seq: int = SEQ()
+
+
+@server_frame("presence_event")
+@dataclass(frozen=True, slots=True)
+class PresenceEvent(Frame):
+    user: str = bound(min_len=1, max_len=USER)
+    status: str = bound(choices=PRESENCE_CHOICES)
 
 
 @server_frame("error")

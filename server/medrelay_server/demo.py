@@ -87,7 +87,10 @@ async def run_demo(url: str | None, data_dir: Path) -> int:
             await chan.add(room, "ward7-tablet", role="device")
             seq = await tablet.send_body(
                 room,
-                {"type": "vitals", "summary": "RR 24, SpO2 91%, HR 118, BP 98/60, T 38.4 -> NEWS2 8"},
+                {
+                    "type": "vitals",
+                    "summary": "RR 24, SpO2 91%, HR 118, BP 98/60, T 38.4 -> NEWS2 8",
+                },
                 urgent_role="on-call medicine",
             )
             print("the tablet posted vitals as an urgent summon (encrypted on the tablet)")

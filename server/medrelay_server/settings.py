@@ -12,6 +12,8 @@ class Limits:
     outbound_queue: int = 1024
     sends_per_second: float = 20.0
     send_burst: int = 40
+    frames_per_second: float = 200.0
+    frame_burst: int = 400
     connections_per_device: int = 3
     handshake_seconds: float = 10.0
     reauth_grace_seconds: float = 30.0

@@ -12,7 +12,6 @@ from typing import Any
 
 import msgpack
 import pytest
-
 from medrelay_protocol import codec, frames
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import (

@@ -10,7 +10,6 @@ import inspect
 import re
 
 import pytest
-
 from medrelay_protocol import errors, frames
 from medrelay_protocol.codes import CloseCode, ErrorCode, Reconnect
 from medrelay_protocol.errors import MedrelayError, RequestError

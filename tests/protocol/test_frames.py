@@ -15,7 +15,6 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from medrelay_protocol import codec, frames
 from medrelay_protocol.errors import InvalidField
 from medrelay_protocol.frames import FRAME_TYPES, Frame

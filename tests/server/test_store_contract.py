@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -25,7 +26,8 @@ from medrelay_server.store.schema import metadata
 from medrelay_server.store.sql import SqlStore
 from sqlalchemy.engine import Connection
 
-from .conftest import StoreBackend
+if TYPE_CHECKING:
+    from .conftest import StoreBackend
 
 ROOM = "room-1"
 NOW = 1_700_000_000

@@ -61,6 +61,7 @@ class Client:
     _stopping: bool = False
     logic: RoomLogic = field(init=False)
     fatal: SessionClosed | None = None
+    _unreceipted: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.logic = RoomLogic(self.keys, self.request, kind=self.kind)
@@ -142,6 +143,17 @@ class Client:
             if frame is None:
                 raise session.closed or SessionClosed(None, "closed")
             await self._on_push(frame)
+            if session.pushed.empty():
+                await self._flush_receipts(session)
+
+    async def _flush_receipts(self, session: Session) -> None:
+        """Cumulative receipts, one per room per burst of deliveries."""
+        from medrelay_protocol.frames import Receipt
+
+        due, self._unreceipted = self._unreceipted, {}
+        for room, seq in due.items():
+            if self.keys.room(room).current or room in self.logic.rosters:
+                await session.send_only(Receipt(room=room, seq=seq))
 
     async def _on_push(self, frame: Frame) -> None:
         if isinstance(frame, Deliver):
@@ -164,11 +176,7 @@ class Client:
             await self._inbox.put(
                 Message(ev.room, ev.seq, ev.kind, ev.user, ev.sender, body, ev.ts, problem)
             )
-        if self.session is not None and self.session.closed is None:
-            from medrelay_protocol.frames import Receipt
-
-            with contextlib.suppress(Exception):
-                await self.session.send_only(Receipt(room=ev.room, seq=ev.seq))
+        self._unreceipted[ev.room] = ev.seq
 
     # requests ----------------------------------------------------------------------------
     async def request(self, frame: Frame, expect: type[Any], *, timeout: float = 30) -> Any:
@@ -244,6 +252,14 @@ class Client:
     async def download(self, body: dict[str, Any]) -> bytes:
         await self._connected.wait()
         return await self.logic.download(body)
+
+    async def rooms(self) -> dict[str, str]:
+        """Rooms this user is a member of -> role."""
+        await self._connected.wait()
+        from medrelay_protocol.frames import ListRooms, Rooms
+
+        reply: Rooms = await self.request(ListRooms(rid=self.rid()), Rooms)
+        return {r.room: r.role for r in reply.rooms}
 
     async def history(self, room: str, *, before: int = 0, limit: int = 50) -> list[Message]:
         await self._connected.wait()

@@ -90,13 +90,21 @@ class Connection:
                 data = await self._queue.get()
                 if data is None:
                     return
-                await self.send_bytes(data)
+                try:
+                    await self.send_bytes(data)
+                finally:
+                    self._queue.task_done()
                 if self.on_sent is not None:
                     self.on_sent(len(data))
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away; the reader side notices and cleans up
             self.closed = True
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until everything queued so far was written, before a close."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
 
     async def stop(self) -> None:
         self.closed = True

@@ -77,10 +77,27 @@ class Gateway:
     async def disconnect(self, conn: Connection) -> None:
         await conn.stop()
         self.registry.remove(conn)
+        if not tuple(self.registry.of_user(conn.user)):
+            self._announce_offline(conn)
         self.metrics.connections.dec()
         await self.delivery.detach(conn)
         if self.registry.device_count(conn.device) == 0:
             self.buckets.pop(conn.device, None)
+
+    def _announce_offline(self, conn: Connection) -> None:
+        from medrelay_protocol import codec
+        from medrelay_protocol.frames import PresenceEvent
+
+        data = codec.encode(PresenceEvent(user=conn.user, status="offline"))
+        for room in tuple(conn.cursors):
+            hub = self.delivery.hubs.get(room)
+            for other in tuple(hub.conns) if hub is not None else ():
+                if (
+                    other.user != conn.user
+                    and hub is not None
+                    and hub.members.get(other.user) not in (None, "device")
+                ):
+                    other.enqueue(data, ephemeral=True)
 
     async def reauth(self, conn: Connection, frame: Reauth) -> None:
         principal = self.identity.verify(frame.token, self.clock.now())

@@ -31,6 +31,7 @@ from medrelay_protocol.frames import Challenge, Error, Frame, Hello, Reauth, Rea
 from medrelay_protocol.identity import verify_connect_proof
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..ratelimit import TokenBucket
 from ..store.base import StoreUnavailable
 from .connection import Connection
 from .context import Gateway
@@ -77,6 +78,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         await _read_loop(ws, gw, conn)
     except Closing as c:
         gw.metrics.closes.labels(code=str(int(c.code))).inc()
+        if conn is not None:
+            await conn.flush()
         with contextlib.suppress(Exception):
             await ws.close(code=c.code, reason=c.reason)
     except WebSocketDisconnect:
@@ -189,7 +192,11 @@ def _peer(ws: WebSocket) -> str:
 
 
 async def _read_loop(ws: WebSocket, gw: Gateway, conn: Connection) -> None:
+    """Read frames until the socket closes. Every frame costs a token of the connection's
+    frame bucket; a peer that keeps sending after a burst of refusals is closed (4007)."""
     limits = gw.settings.limits
+    bucket = TokenBucket(limits.frames_per_second, limits.frame_burst, gw.clock.now_ms())
+    refused = 0
     while not conn.closed:
         try:
             data, _ = await asyncio.wait_for(
@@ -202,6 +209,17 @@ async def _read_loop(ws: WebSocket, gw: Gateway, conn: Connection) -> None:
         if len(data) > limits.max_frame:
             conn.enqueue(codec.encode(error_frame(FrameTooLarge("frame too large"), None)))
             raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large")
+        wait = bucket.take(gw.clock.now_ms())
+        if wait:
+            refused += 1
+            if refused > limits.frame_burst:
+                raise Closing(CloseCode.RATE_LIMITED, "too many frames")
+            limited = RequestError(
+                ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait}
+            )
+            _send_error(gw, conn, limited, None)
+            continue
+        refused = 0
         await _dispatch(gw, conn, data)
 
 

@@ -23,4 +23,5 @@ HANDLERS: dict[type[f.Frame], HandlerFn] = {
     f.BlobGet: blobs.handle_blob_get,
     f.Typing: messages.handle_typing,
     f.ReadMarker: messages.handle_read_marker,
+    f.Presence: messages.handle_presence,
 }

@@ -12,6 +12,8 @@ from medrelay_protocol.frames import (
     History,
     HistoryPage,
     ListRooms,
+    Presence,
+    PresenceEvent,
     ReadMarker,
     ReadMarkerEvent,
     Receipt,
@@ -193,6 +195,17 @@ async def handle_read_marker(gw: Gateway, conn: Connection, frame: ReadMarker) -
         return
     data = codec.encode(ReadMarkerEvent(room=frame.room, user=conn.user, seq=frame.seq))
     _fan_out_local(gw, frame.room, data, exclude=None)
+
+
+async def handle_presence(gw: Gateway, conn: Connection, frame: Presence) -> None:
+    announce_presence(gw, conn, frame.status)
+
+
+def announce_presence(gw: Gateway, conn: Connection, status: str) -> None:
+    """Tell the members of every room this connection follows (on this node)."""
+    data = codec.encode(PresenceEvent(user=conn.user, status=status))
+    for room in tuple(conn.cursors):
+        _fan_out_local(gw, room, data, exclude=conn.user)
 
 
 def _fan_out_local(gw: Gateway, room: str, data: bytes, *, exclude: str | None) -> None:

@@ -232,10 +232,8 @@ async def _plan(
             device_list_version=state.device_list_version,
         )
         new_epoch, pending = state.epoch + 1, False
-    elif (
-        (entry is not None
-        and entry.action in PENDING_CHANGES)
-        or (entry is not None and entry.external)
+    elif (entry is not None and entry.action in PENDING_CHANGES) or (
+        entry is not None and entry.external
     ):
         pending = True
     elif entry is not None and entry.action in MEMBER_CHANGES_NEEDING_REKEY:
