@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .canonical import pack_body, unpack_strict
 from . import PROTOCOL_VERSION
+from .canonical import pack_body, unpack_strict
 from .errors import InvalidField, MalformedFrame, UnknownFrameType, UnsupportedVersion
 from .frames import FRAME_TYPES, Frame
 

@@ -154,7 +154,7 @@ class CreateRoom(Frame):
     room: str = ROOM_ID()
     genesis: bytes = bound(min_len=1, max_len=SIGNED)
     manifest: bytes | None = bound(min_len=1, max_len=MANIFEST, default=None)
-    wraps: dict[str, bytes] | None = bound(max_len=1024, default=None)
+    wraps: dict[str, bytes] | None = bound(max_len=1024, item_max_len=WRAP, default=None)
 
 
 @client_frame("commit")
@@ -166,7 +166,7 @@ class Commit(Frame):
     room: str = ROOM_ID()
     change: bytes | None = bound(min_len=1, max_len=SIGNED, default=None)
     manifest: bytes | None = bound(min_len=1, max_len=MANIFEST, default=None)
-    wraps: dict[str, bytes] | None = bound(max_len=1024, default=None)
+    wraps: dict[str, bytes] | None = bound(max_len=1024, item_max_len=WRAP, default=None)
 
 
 @client_frame("get_roster")

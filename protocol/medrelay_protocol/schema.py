@@ -34,11 +34,21 @@ def bound(
     lo: int = 0,
     hi: int = INT_MAX,
     choices: tuple[str, ...] | None = None,
+    item_max_len: int | None = None,
     default: Any = dataclasses.MISSING,
 ) -> Any:
-    """A dataclass field carrying limits. ``max_len``/``min_len`` apply to str, bytes, tuple
-    and dict (and to each str/bytes item inside a tuple or dict); ``lo``/``hi`` to ints."""
-    meta = {"max_len": max_len, "min_len": min_len, "lo": lo, "hi": hi, "choices": choices}
+    """A dataclass field carrying limits. ``max_len``/``min_len`` apply to the str, bytes,
+    tuple or dict itself; each str/bytes item inside a tuple or dict is limited by
+    ``item_max_len`` (default: the type's default length); ``lo``/``hi`` apply to ints,
+    also inside containers."""
+    meta = {
+        "max_len": max_len,
+        "min_len": min_len,
+        "lo": lo,
+        "hi": hi,
+        "choices": choices,
+        "item_max_len": item_max_len,
+    }
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -55,6 +65,7 @@ class Spec:
     lo: int
     hi: int
     choices: tuple[str, ...] | None
+    item_max_len: int | None = None
 
 
 class Record:
@@ -203,8 +214,9 @@ def _container_limit(spec: Spec, default: int) -> int:
 
 
 def _item_spec(spec: Spec) -> Spec:
-    """Per-item limits inside containers: lengths use the type defaults, ints keep lo/hi."""
-    return dataclasses.replace(spec, max_len=None, min_len=0)
+    """Per-item limits inside containers: ``item_max_len`` (or the type default), ints keep
+    lo/hi."""
+    return dataclasses.replace(spec, max_len=spec.item_max_len, min_len=0)
 
 
 def _check_item(spec: Spec, item: Any, value: Any) -> None:
@@ -241,6 +253,7 @@ def build_specs(cls: type[Record]) -> tuple[Spec, ...]:
                 lo=meta.get("lo", 0),
                 hi=meta.get("hi", INT_MAX),
                 choices=meta.get("choices"),
+                item_max_len=meta.get("item_max_len"),
             )
         )
     return tuple(specs)

@@ -278,13 +278,15 @@ class Delivery:
             while not conn.closed and room in conn.cursors:
                 cursor = conn.cursors[room]
                 target = hub.processed
+                batch = max(1, min(self.replay_batch, conn.queue_limit // 2))
                 events = await self.store.events_after(
-                    room, cursor, user=conn.user, device=conn.device, limit=self.replay_batch
+                    room, cursor, user=conn.user, device=conn.device, limit=batch
                 )
                 if room not in conn.cursors:
                     return
                 for ev in events:
-                    if not conn.enqueue(event_frame(ev)):
+                    await conn.wait_for_room()
+                    if room not in conn.cursors or not conn.enqueue(event_frame(ev)):
                         return
                     conn.cursors[room] = ev.seq
                     if self._on_delivered is not None:

@@ -6,6 +6,7 @@ client lazily so the server package does not depend on it otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,7 +41,7 @@ async def _server(url: str | None, data_dir: Path) -> AsyncIterator[str]:
     from .settings import Settings
     from .store.sql import SqlStore
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     settings = Settings(data_dir=data_dir, port=0, dev_issuer=True)
     app = create_app(
         settings,

@@ -42,12 +42,12 @@ async def connect_ws(
     url: str,
     *,
     token: str | None = None,
-    subprotocols: list[str] | None = None,
+    subprotocols: tuple[str, ...] = (SUBPROTOCOL,),
     origin: str | None = None,
     max_queue: int | None = 16,
     rcvbuf: int | None = None,
 ) -> ClientConnection:
-    """A bare socket (no handshake frames yet). ``subprotocols=[]`` offers none; ``rcvbuf``
+    """A bare socket (no handshake frames yet). ``subprotocols=()`` offers none; ``rcvbuf``
     shrinks the kernel receive buffer so a client that does not read is noticed soon."""
     headers: dict[str, str] = {}
     if token is not None:
@@ -62,7 +62,7 @@ async def connect_ws(
         kw["sock"] = sock
     return await connect(
         url,
-        subprotocols=[SUBPROTOCOL] if subprotocols is None else subprotocols,  # type: ignore[arg-type]
+        subprotocols=list(subprotocols) or None,  # type: ignore[arg-type]
         additional_headers=headers,
         origin=origin,  # type: ignore[arg-type]
         compression=None,
@@ -79,7 +79,9 @@ async def recv_frame(ws: ClientConnection, timeout: float = TIMEOUT) -> Frame:
     return codec.decode(data, max_size=4 * codec.MAX_FRAME, from_client=False)
 
 
-async def close_code_after(ws: ClientConnection, timeout: float = TIMEOUT) -> tuple[int | None, list[Frame]]:
+async def close_code_after(
+    ws: ClientConnection, timeout: float = TIMEOUT
+) -> tuple[int | None, list[Frame]]:
     """Read (and keep) every frame until the server closes; return its close code and them."""
     frames: list[Frame] = []
     async with asyncio.timeout(timeout):
@@ -114,7 +116,9 @@ class RawClient:
         ws = await connect_ws(url, token=None if token_in_hello else token, **connect_kw)
         challenge = await recv_frame(ws)
         assert isinstance(challenge, Challenge), challenge
-        await ws.send(codec.encode(hello_for(keys, challenge.nonce, token if token_in_hello else None)))
+        await ws.send(
+            codec.encode(hello_for(keys, challenge.nonce, token if token_in_hello else None))
+        )
         reply = await recv_frame(ws)
         if not isinstance(reply, Welcome):
             await ws.close()
@@ -139,7 +143,9 @@ class RawClient:
         async with asyncio.timeout(timeout):
             while True:
                 frame = await self.recv(timeout)
-                if getattr(frame, "rid", None) == rid and (rid is not None or isinstance(frame, Error)):
+                if getattr(frame, "rid", None) == rid and (
+                    rid is not None or isinstance(frame, Error)
+                ):
                     return frame
                 self.pushed.append(frame)
 
@@ -160,9 +166,13 @@ class RawClient:
         await self.ws.close()
 
 
-def hello_for(keys: KeyStore, nonce: bytes, token: str | None = None, *, rid: str = "hello") -> Hello:
+def hello_for(
+    keys: KeyStore, nonce: bytes, token: str | None = None, *, rid: str = "hello"
+) -> Hello:
     proof = sign_connect_proof(keys.device, nonce, keys.user)
-    return Hello(rid=rid, device=keys.device_id, device_key=keys.device.public, proof=proof, token=token)
+    return Hello(
+        rid=rid, device=keys.device_id, device_key=keys.device.public, proof=proof, token=token
+    )
 
 
 def envelope_for(
@@ -241,9 +251,7 @@ async def next_of_kind(client: Client, kind: str = "message", timeout: float = T
                 return m
 
 
-async def collect_until(
-    client: Client, last_text: str, timeout: float = TIMEOUT
-) -> list[Message]:
+async def collect_until(client: Client, last_text: str, timeout: float = TIMEOUT) -> list[Message]:
     """Every event the client surfaces up to and including the message ``last_text``."""
     got: list[Message] = []
     async with asyncio.timeout(timeout):

@@ -59,7 +59,7 @@ def field_strategy(spec: Spec) -> st.SearchStrategy[Any]:
     inner: st.SearchStrategy[Any]
     if origin is tuple:
         item = typing.get_args(kind)[0]
-        items = st.from_type(item) if is_record(item) else _scalar(spec, item, item=True)
+        items = record_strategy(item) if is_record(item) else _scalar(spec, item, item=True)
         limit = DEFAULT_ITEMS if spec.max_len is None else spec.max_len
         inner = st.lists(items, max_size=min(limit, ITEMS_CAP)).map(tuple)
     elif origin is dict:
@@ -70,13 +70,15 @@ def field_strategy(spec: Spec) -> st.SearchStrategy[Any]:
             keys, _scalar(spec, value, item=True), max_size=min(limit, ITEMS_CAP)
         )
     elif is_record(kind):
-        inner = st.from_type(kind)
+        inner = record_strategy(kind)
     else:
         inner = _scalar(spec, kind)
     return st.none() | inner if spec.optional else inner
 
 
 def record_strategy(cls: type[Record]) -> st.SearchStrategy[Any]:
+    """Built from the SPECS directly (nested records too), so it never depends on the order
+    in which types were registered with Hypothesis."""
     return st.builds(cls, **{spec.name: field_strategy(spec) for spec in cls.SPECS})
 
 

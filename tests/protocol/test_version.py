@@ -1,7 +1,6 @@
 """A frame naming another protocol version gets UNSUPPORTED_VERSION, not a field error."""
 
 import pytest
-
 from medrelay_protocol import codec
 from medrelay_protocol.canonical import pack_body
 from medrelay_protocol.codes import ErrorCode

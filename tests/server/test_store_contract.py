@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -568,14 +567,5 @@ async def test_unreachable_postgres_is_unavailable() -> None:
             await store.ping()
         with pytest.raises(StoreUnavailable):
             await store.room_state(ROOM)
-    finally:
-        await store.close()
-
-
-async def test_unreachable_sqlite_is_unavailable(tmp_path: Path) -> None:
-    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/store.db")
-    try:
-        with pytest.raises(StoreUnavailable):
-            await store.ping()
     finally:
         await store.close()

@@ -40,7 +40,8 @@ def render(m: Message) -> str:
         if kind == "text":
             return f"[{m.seq}] {m.sender_user}: {body.get('text')}"
         if kind == "file":
-            return f"[{m.seq}] {m.sender_user} sent a file: {body.get('name')} ({body.get('size')} bytes)"
+            name, size = body.get("name"), body.get("size")
+            return f"[{m.seq}] {m.sender_user} sent a file: {name} ({size} bytes)"
         if kind == "notice":
             return f"[{m.seq}] -- {body.get('action')} {body.get('user') or ''}".rstrip()
         if kind == "vitals":
@@ -75,7 +76,7 @@ async def _command(client: Client, room: str, line: str) -> bool:
         for m in await client.history(room, limit=int(args[0]) if args else 20):
             print(render(m))
     elif cmd == "/file" and args:
-        data = Path(args[0]).read_bytes()
+        data = await asyncio.to_thread(Path(args[0]).read_bytes)
         await client.send_file(room, data, name=Path(args[0]).name, mime="application/octet-stream")
     elif cmd == "/rooms":
         for name, role in (await client.rooms()).items():
@@ -102,8 +103,7 @@ async def _join(client: Client, room: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    keys_dir = Path(args.keys_dir).expanduser() / args.user
-    keys = KeyStore.load_or_create(args.user, keys_dir)
+    keys = await asyncio.to_thread(KeyStore.load_or_create, args.user, args.keys_path)
 
     async def token() -> str:
         return await dev_token(args.url, args.user)
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="ws://127.0.0.1:8700/ws")
     parser.add_argument("--keys-dir", default="~/.medrelay")
     args = parser.parse_args(argv)
+    args.keys_path = Path(args.keys_dir).expanduser() / args.user
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

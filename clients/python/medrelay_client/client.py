@@ -265,7 +265,7 @@ class Client:
         await self._connected.wait()
         out = []
         for ev in await self.logic.history(room, before=before, limit=limit):
-            body, problem = await self.logic.decrypt_event(ev)
+            body, problem = await self.logic.decrypt_event(ev, live=False)
             out.append(Message(ev.room, ev.seq, ev.kind, ev.user, ev.sender, body, ev.ts, problem))
         return out
 

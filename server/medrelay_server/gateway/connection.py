@@ -44,8 +44,11 @@ class Connection:
     _writer: asyncio.Task[None] | None = field(default=None, init=False)
     on_sent: Callable[[int], None] | None = None
 
+    _low: asyncio.Event = field(init=False)
+
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_limit)
+        self._low = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Connection(id={self.id}, user={self.user!r}, device={self.device!r})"
@@ -75,6 +78,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self._low.set()
         self.close_code = code
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
@@ -94,12 +98,22 @@ class Connection:
                     await self.send_bytes(data)
                 finally:
                     self._queue.task_done()
+                    if self._queue.qsize() <= self.queue_limit // 4:
+                        self._low.set()
                 if self.on_sent is not None:
                     self.on_sent(len(data))
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away; the reader side notices and cleans up
             self.closed = True
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for store replays (never for live fan-out): wait until the queue is
+        at most half full, so a resume longer than the queue is paced by the socket instead
+        of closing the connection as a slow consumer."""
+        while not self.closed and self._queue.qsize() > self.queue_limit // 2:
+            self._low.clear()
+            await self._low.wait()
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (bounded) until everything queued so far was written, before a close."""
@@ -108,6 +122,7 @@ class Connection:
 
     async def stop(self) -> None:
         self.closed = True
+        self._low.set()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

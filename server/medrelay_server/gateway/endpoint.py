@@ -23,7 +23,6 @@ from medrelay_protocol.crypto import device_id_for
 from medrelay_protocol.errors import (
     BadSignature,
     FrameError,
-    FrameTooLarge,
     MedrelayError,
     RequestError,
 )
@@ -40,10 +39,14 @@ log = logging.getLogger(__name__)
 
 
 class Closing(Exception):
-    def __init__(self, code: CloseCode, reason: str) -> None:
+    """Close the socket with ``code``; when ``error`` is set, an ``error`` frame with that
+    code goes out first so the client learns why in the protocol's own terms."""
+
+    def __init__(self, code: CloseCode, reason: str, error: ErrorCode | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.error = error
 
 
 def error_frame(exc: MedrelayError, rid: str | None) -> Error:
@@ -64,20 +67,26 @@ def error_frame(exc: MedrelayError, rid: str | None) -> Error:
 async def websocket_endpoint(ws: WebSocket) -> None:
     gw: Gateway = ws.app.state.gateway
     origin = ws.headers.get("origin")
-    if origin is not None and origin not in gw.settings.allowed_origins:
-        await ws.close(code=CloseCode.ORIGIN_REFUSED, reason="origin not allowed")
-        return
     offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
-    if SUBPROTOCOL not in offered:
-        await ws.close(code=CloseCode.PROTOCOL_ERROR, reason="subprotocol medrelay.v1 required")
-        return
-    await ws.accept(subprotocol=SUBPROTOCOL)
+    # Refusals are made after accepting, so that the client sees a close code, not an HTTP 403.
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     conn: Connection | None = None
     try:
+        if origin is not None and origin not in gw.settings.allowed_origins:
+            raise Closing(CloseCode.ORIGIN_REFUSED, "origin not allowed")
+        if SUBPROTOCOL not in offered:
+            raise Closing(CloseCode.PROTOCOL_ERROR, "subprotocol medrelay.v1 required")
         conn = await _handshake(ws, gw)
         await _read_loop(ws, gw, conn)
     except Closing as c:
         gw.metrics.closes.labels(code=str(int(c.code))).inc()
+        if c.error is not None:
+            data = codec.encode(Error(code=int(c.error), message=c.reason[:256]))
+            if conn is not None:
+                conn.enqueue(data)
+            else:
+                with contextlib.suppress(Exception):
+                    await ws.send_bytes(data)
         if conn is not None:
             await conn.flush()
         with contextlib.suppress(Exception):
@@ -99,7 +108,9 @@ async def _receive_frame(ws: WebSocket, gw: Gateway) -> tuple[bytes | None, str 
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     if message.get("text") is not None:
-        raise Closing(CloseCode.UNSUPPORTED_DATA, "text frames are refused")
+        raise Closing(
+            CloseCode.UNSUPPORTED_DATA, "text frames are refused", ErrorCode.TEXT_FRAME_REFUSED
+        )
     data = message.get("bytes")
     if data is None:
         raise Closing(CloseCode.PROTOCOL_ERROR, "empty message")
@@ -117,36 +128,47 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         raise Closing(CloseCode.HANDSHAKE_TIMEOUT, "no hello in time") from exc
     assert data is not None
     if len(data) > gw.settings.limits.max_frame:
-        raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large")
+        raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large", ErrorCode.FRAME_TOO_LARGE)
     try:
         hello = codec.decode(data, from_client=True)
     except FrameError as exc:
-        raise Closing(CloseCode.PROTOCOL_ERROR, f"bad hello: {exc.code.name}") from exc
+        raise Closing(CloseCode.PROTOCOL_ERROR, f"bad hello: {exc.code.name}", exc.code) from exc
     if not isinstance(hello, Hello):
         raise Closing(CloseCode.PROTOCOL_ERROR, "first frame must be hello")
     token = hello.token or _bearer(ws)
     if token is None:
         await _reject(gw, "", hello, "no token")
-        raise Closing(CloseCode.AUTH_FAILED, "authentication required")
+        raise Closing(CloseCode.AUTH_FAILED, "authentication required", ErrorCode.UNAUTHENTICATED)
     try:
         principal = gw.identity.verify(token, gw.clock.now())
     except RequestError as exc:
         await _reject(gw, "", hello, exc.code.name)
-        raise Closing(CloseCode.AUTH_FAILED, exc.code.name.lower()) from exc
+        raise Closing(CloseCode.AUTH_FAILED, exc.code.name.lower(), exc.code) from exc
     if device_id_for(hello.device_key) != hello.device:
         await _reject(gw, principal.user, hello, "device id mismatch")
-        raise Closing(CloseCode.AUTH_FAILED, "device proof failed")
+        raise Closing(CloseCode.AUTH_FAILED, "device proof failed", ErrorCode.DEVICE_PROOF_FAILED)
     try:
         verify_connect_proof(hello.device_key, nonce, principal.user, hello.proof)
     except BadSignature as exc:
         await _reject(gw, principal.user, hello, "device proof failed")
-        raise Closing(CloseCode.AUTH_FAILED, "device proof failed") from exc
-    known = await gw.store.get_device(hello.device)
+        raise Closing(
+            CloseCode.AUTH_FAILED, "device proof failed", ErrorCode.DEVICE_PROOF_FAILED
+        ) from exc
+    try:
+        known = await gw.store.get_device(hello.device)
+    except StoreUnavailable as exc:
+        raise Closing(CloseCode.UNAVAILABLE, "try again shortly", ErrorCode.UNAVAILABLE) from exc
     if known is not None and (known.user != principal.user or known.revoked):
         await _reject(gw, principal.user, hello, "device not usable")
-        raise Closing(CloseCode.DEVICE_REVOKED, "device not usable by this user")
+        raise Closing(
+            CloseCode.DEVICE_REVOKED, "device not usable by this user", ErrorCode.FORBIDDEN
+        )
     if gw.registry.device_count(hello.device) >= gw.settings.limits.connections_per_device:
-        raise Closing(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this device")
+        raise Closing(
+            CloseCode.TOO_MANY_CONNECTIONS,
+            "too many connections for this device",
+            ErrorCode.TOO_MANY_CONNECTIONS,
+        )
     conn = Connection(
         user=principal.user,
         device=hello.device,
@@ -207,17 +229,16 @@ async def _read_loop(ws: WebSocket, gw: Gateway, conn: Connection) -> None:
             continue
         assert data is not None
         if len(data) > limits.max_frame:
-            conn.enqueue(codec.encode(error_frame(FrameTooLarge("frame too large"), None)))
-            raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large")
+            raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large", ErrorCode.FRAME_TOO_LARGE)
         wait = bucket.take(gw.clock.now_ms())
         if wait:
             refused += 1
             if refused > limits.frame_burst:
-                raise Closing(CloseCode.RATE_LIMITED, "too many frames")
+                raise Closing(CloseCode.RATE_LIMITED, "too many frames", ErrorCode.RATE_LIMITED)
             limited = RequestError(
                 ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait}
             )
-            _send_error(gw, conn, limited, None)
+            _send_error(gw, conn, limited, codec.peek_request_id(data, max_size=limits.max_frame))
             continue
         refused = 0
         await _dispatch(gw, conn, data)
@@ -240,7 +261,9 @@ async def _expire(gw: Gateway, conn: Connection) -> None:
         conn.reauth_deadline = now + int(gw.settings.limits.reauth_grace_seconds)
         conn.enqueue(codec.encode(ReauthRequired(deadline=conn.reauth_deadline)))
     elif now >= conn.reauth_deadline:
-        raise Closing(CloseCode.REAUTH_TIMEOUT, "token expired and was not renewed")
+        raise Closing(
+            CloseCode.REAUTH_TIMEOUT, "token expired and was not renewed", ErrorCode.TOKEN_EXPIRED
+        )
 
 
 async def _dispatch(gw: Gateway, conn: Connection, data: bytes) -> None:

@@ -16,6 +16,7 @@ from medrelay_protocol.epochs import RekeyManifest, check_recipients
 from medrelay_protocol.errors import MedrelayError, RequestError
 from medrelay_protocol.frames import Commit as CommitFrame
 from medrelay_protocol.frames import Committed, CreateRoom
+from medrelay_protocol.identity import DeviceBundle
 from medrelay_protocol.policy import may_commit_epoch
 from medrelay_protocol.roster import RosterEntry, RosterState, certified_devices, verify_entry
 from medrelay_protocol.roster import verify_roster as verify_roster_chain
@@ -40,15 +41,16 @@ async def expected_devices(gw: Gateway, roster: RosterState) -> dict[str, bytes]
     for r in live:
         certs.setdefault(r.user, []).append(r.certificate)
     certified = certified_devices(roster, certs, now=gw.clock.now())
-    from medrelay_protocol.identity import DeviceBundle
 
     out: dict[str, bytes] = {}
+    now = gw.clock.now()
     for r in live:
         if r.device_id in certified:
-            try:
-                out[r.device_id] = DeviceBundle.verify(r.bundle, r.signing_key).receiving_key
+            try:  # an expired bundle cannot be wrapped to, by clients or by the rule here
+                bundle = DeviceBundle.verify(r.bundle, r.signing_key, now=now)
             except MedrelayError:
                 continue
+            out[r.device_id] = bundle.receiving_key
     return out
 
 
@@ -251,4 +253,5 @@ async def _plan(
         wraps=dict(frame.wraps or {}),
         new_epoch=new_epoch,
         pending_rekey=pending,
+        device_list_version=state.device_list_version if frame.manifest is not None else None,
     )

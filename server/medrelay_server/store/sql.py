@@ -31,7 +31,28 @@ from .rows import current_role, get_room, read_audit, write_audit
 class SqlStore:
     """The durable store. ``url`` is a SQLAlchemy URL (``sqlite://`` and ``postgresql://``
     select the async drivers); ``schema`` (PostgreSQL only) puts every table into that
-    schema, created on ``open()`` if missing."""
+    schema, created on ``open()`` if missing.
+
+    Where ``base.py`` leaves room, this implementation decides:
+
+    * Audit records passed to a write that assigns seqs get that seq range when they name
+      none, the room when they name none, and ``now`` when their ``ts`` is 0.
+    * ``create_room``: ``device_list_version`` starts at 0, the epoch at 1.
+    * ``commit``: the sender may also be a user this very commit adds (self-add under a
+      standing authorisation); a manifest needs a role that may commit epochs; a history
+      grant needs a role that may read history (``FORBIDDEN``); removing or re-roling a
+      non-member is ``NOT_FOUND``; a malformed commit (entry without head, nothing to do,
+      wraps without manifest, epoch not moving forward) is ``INVALID_FIELD``; a commit
+      without a manifest never clears a pending rekey.
+    * ``append_message``: only kinds ``message`` and ``summon`` (``INVALID_FIELD``); the
+      membership check comes before the idempotency check, which comes before the epoch
+      and pending checks (a retry of a stored send is acknowledged after a rekey).
+    * ``put_chunk``: the uploader must be a current member and the blob's first uploader
+      (``FORBIDDEN``); an unknown room is ``NOT_FOUND``.
+    * ``put_device``: an id owned by another user or with another signing key is
+      ``ALREADY_EXISTS``; revocation is permanent and, like a new device, bumps
+      ``device_list_version``.
+    """
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self._db = Database(url, schema=schema)
