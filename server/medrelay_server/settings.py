@@ -29,6 +29,7 @@ class Limits:
 class Settings:
     data_dir: Path = Path("medrelay-data")
     database_url: str | None = None
+    broker_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8700
     dev_issuer: bool = False

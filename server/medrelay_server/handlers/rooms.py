@@ -23,7 +23,7 @@ from medrelay_protocol.roster import verify_roster as verify_roster_chain
 
 from ..gateway.connection import Connection
 from ..gateway.context import Gateway
-from ..store.base import Commit, MembershipChange, RoomState
+from ..store.base import AuditRecord, Commit, MembershipChange, RoomState
 
 MEMBER_CHANGES_NEEDING_REKEY = frozenset({"add", "remove"})
 PENDING_CHANGES = frozenset({"leave", "revoke_device"})
@@ -255,3 +255,43 @@ async def _plan(
         pending_rekey=pending,
         device_list_version=state.device_list_version if frame.manifest is not None else None,
     )
+
+
+async def commit_external(gw: Gateway, room: str, change: bytes, *, institution: str) -> int:
+    """Apply a removal signed by the institution's external sender key (register lapse,
+    deprovisioning, lost device): verified against the roster like any change, committed as
+    pending, so the next member device that sends commits the new epoch. Returns the seq."""
+    state = await gw.store.room_state(room)
+    if state is None:
+        raise RequestError(ErrorCode.NOT_FOUND, "no such room")
+    roster = verify_roster_chain(await gw.store.roster_entries(room), room=room)
+    try:
+        new_roster, entry = verify_entry(roster, change)
+    except MedrelayError as exc:
+        raise _refuse(exc) from exc
+    if not entry.external:
+        raise RequestError(ErrorCode.FORBIDDEN, "not signed by the external sender")
+    commit = Commit(
+        room=room,
+        expected_head=roster.head,
+        expected_epoch=state.epoch,
+        sender_user=f"institution:{institution}",
+        sender_device="",
+        entry=change,
+        new_head=new_roster.head,
+        membership=_membership(entry),
+        pending_rekey=True,
+        external=True,
+    )
+    record = AuditRecord(
+        action="membership_change",
+        outcome="success",
+        user=f"institution:{institution}",
+        room=room,
+        target=_target(entry),
+        detail=f"external {entry.action}",
+        ts=gw.clock.now(),
+    )
+    events = await gw.store.commit(commit, now=gw.clock.now(), audit=[record])
+    await gw.delivery.publish(events)
+    return events[-1].seq

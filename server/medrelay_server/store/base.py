@@ -119,6 +119,9 @@ class Commit:
     new_epoch: int | None = None
     pending_rekey: bool = False
     device_list_version: int | None = None
+    external: bool = False
+    """Signed by the institution's external sender key (removals only, never with a rekey):
+    the sender is not a room member, so the membership re-check does not apply."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,10 @@ async def _check_sender(conn: AsyncConnection, c: Commit) -> None:
     """The sender must be a current member, or be joining by this very commit (a summoned
     doctor's self-add under a standing authorisation). Rekeying needs a role that may
     commit epochs (bedside tablets may not)."""
+    if c.external:
+        if c.manifest is not None or (c.membership is not None and c.membership.add):
+            raise refuse(ErrorCode.FORBIDDEN, "an external sender may only remove")
+        return
     role = await current_role(conn, c.room, c.sender_user)
     if role is None and c.membership is not None:
         role = c.membership.add.get(c.sender_user)
