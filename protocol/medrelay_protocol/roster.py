@@ -252,6 +252,8 @@ def _apply(state: RosterState, d: DecodedEntry, head: bytes) -> RosterState:
     if d.action == ADD:
         if p["user"] in members:
             raise RosterError("roster: already a member")
+        if p.get("history_from_seq") is not None and history == "none":
+            raise RosterError("roster: this room shares no history with newcomers")
         members[p["user"]] = Member(
             p["user"], p["role"], p["identity_key"], d.index, p.get("history_from_seq")
         )

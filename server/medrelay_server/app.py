@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -55,10 +56,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        on_resync = getattr(broker, "on_resync", False)
+        if on_resync is None:  # a broker that can lose messages tells us when to resync
+            broker.on_resync = delivery.resync  # type: ignore[attr-defined]
         await broker.start()
+        poller = asyncio.create_task(delivery.poll_forever(settings.limits.poll_interval))
         try:
             yield
         finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
             await delivery.close()
             await broker.close()
             await store.close()

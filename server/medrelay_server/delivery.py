@@ -230,6 +230,35 @@ class Delivery:
                 effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]))
                 self._process(hub, seq, kind, frame, effects)
 
+    async def resync(self) -> None:
+        """Bring every local room up to the store's last seq: after a broker reconnect (a
+        publish may have been lost while disconnected) and on the slow poll, so a silent
+        broker or a crash between commit and publish never stalls delivery (I8)."""
+        for room, hub in list(self.hubs.items()):
+            state = await self.store.room_state(room)
+            if state is None or state.last_seq <= hub.processed:
+                continue
+            async with hub.lock:
+                if self.hubs.get(room) is hub:
+                    await self._fill_gap(hub, state.last_seq)
+
+    async def wake(self, room: str, seq: int) -> None:
+        """A hint from outside the broker (PostgreSQL NOTIFY): ``seq`` of ``room`` committed."""
+        hub = self.hubs.get(room)
+        if hub is None or seq <= hub.processed:
+            return
+        async with hub.lock:
+            await self._fill_gap(hub, seq)
+
+    async def poll_forever(self, interval: float) -> None:
+        """The slow poll of every subscribed room's last seq."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resync()
+            except Exception:  # the store may be down; the next round tries again
+                log.warning("delivery resync failed; retrying in %.0f s", interval)
+
     async def _fill_gap(self, hub: RoomHub, upto: int) -> None:
         while hub.processed < upto:
             events = await self.store.room_events(hub.room, hub.processed, limit=self.replay_batch)

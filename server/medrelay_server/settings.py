@@ -23,6 +23,7 @@ class Limits:
     max_room_blob_bytes: int = 1024 * 1024 * 1024
     history_page: int = 200
     replay_batch: int = 200
+    poll_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

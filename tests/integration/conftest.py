@@ -12,6 +12,7 @@ from medrelay_client.keystore import KeyStore
 from medrelay_server.app import create_app
 from medrelay_server.auth.dev import DevIssuer
 from medrelay_server.clock import SystemClock
+from medrelay_server.fanout.base import Broker
 from medrelay_server.fanout.memory import InMemoryBroker
 from medrelay_server.serve import Running, running
 from medrelay_server.settings import Limits, Settings
@@ -51,12 +52,18 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
 
 
-async def _harness(tmp_path: Path, limits: Limits) -> AsyncIterator[Harness]:
+async def _harness(
+    tmp_path: Path, limits: Limits, broker: Broker | None = None
+) -> AsyncIterator[Harness]:
     settings = Settings(data_dir=tmp_path, port=0, dev_issuer=True, limits=limits)
     issuer = DevIssuer()
     store = SqlStore(settings.resolved_database_url())
     app = create_app(
-        settings, store=store, broker=InMemoryBroker(), clock=SystemClock(), identity=issuer
+        settings,
+        store=store,
+        broker=broker or InMemoryBroker(),
+        clock=SystemClock(),
+        identity=issuer,
     )
     async with running(app, settings) as server:
         h = Harness(server, issuer, store, tmp_path)

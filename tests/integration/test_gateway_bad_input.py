@@ -81,7 +81,7 @@ async def _world(h: Harness) -> World:
     await alice.add(room, "bob")
     await alice.add(room, "carol")
     # carol holds the current epoch key before anyone seals for her
-    await carol.logic._await_epoch(room)
+    await carol.wait_for_key(room)
     return World(h, alice, bob, carol, room)
 
 
@@ -422,7 +422,7 @@ async def _three_in_a_room(h: Harness) -> tuple[Client, Client, Client, str]:
     room = await alice.create_room()
     await alice.add(room, "bob")
     await alice.add(room, "carol")
-    await carol.logic._await_epoch(room)
+    await carol.wait_for_key(room)
     return alice, bob, carol, room
 
 

@@ -673,3 +673,34 @@ def test_certified_devices_keeps_only_certified_unrevoked_devices(room: RosterSt
     assert devices[BOB.cert.device_id].user_id == "bob"
     later = certified_devices(state, certs, now=T0 + 10_000)
     assert future.device_id in later
+
+
+def test_history_grant_refused_when_the_room_shares_no_history() -> None:
+    """The signed history-visibility setting binds adds: "none" means no history_from_seq."""
+    from medrelay_protocol.crypto import SigningKey
+    from medrelay_protocol.errors import RosterError
+    from medrelay_protocol.identity import DeviceCertificate
+    from medrelay_protocol.roster import make_change, make_genesis, verify_entry
+
+    ident, dev = SigningKey.generate(), SigningKey.generate()
+    cert = DeviceCertificate.issue(ident, "owner", dev.public, "person", 1)
+    genesis = make_genesis(
+        "room-h", "owner", ident, dev, cert, external_sender=None, history="none", issued_at=1
+    )
+    state, _ = verify_entry(None, genesis)
+    params = {"user": "new", "identity_key": SigningKey.generate().public, "role": "member"}
+    ok = make_change(
+        state, "add", params, signer_user="owner", device_key=dev, device_cert=cert, issued_at=2
+    )
+    verify_entry(state, ok)  # without a grant the add is fine
+    granted = make_change(
+        state,
+        "add",
+        {**params, "history_from_seq": 1},
+        signer_user="owner",
+        device_key=dev,
+        device_cert=cert,
+        issued_at=2,
+    )
+    with pytest.raises(RosterError, match="no history"):
+        verify_entry(state, granted)

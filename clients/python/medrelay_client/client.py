@@ -196,9 +196,18 @@ class Client:
     async def next_message(self, timeout: float = 10) -> Message:
         return await asyncio.wait_for(self._inbox.get(), timeout)
 
-    async def create_room(self, room: str | None = None) -> str:
+    async def create_room(
+        self,
+        room: str | None = None,
+        *,
+        external_sender: bytes | None = None,
+        history: str = "joined",
+    ) -> str:
+        """Create a room (an opaque random id unless given) owned by this user."""
         await self._connected.wait()
-        return await self.logic.create_room(room or os.urandom(12).hex())
+        return await self.logic.create_room(
+            room or os.urandom(12).hex(), external_sender=external_sender, history=history
+        )
 
     async def add(
         self, room: str, user: str, role: str = "member", *, history_from_seq: int | None = None
@@ -215,6 +224,12 @@ class Client:
         seq = await self.logic.leave(room)
         self.keys.forget_room(room)
         return seq
+
+    async def wait_for_key(self, room: str, timeout: float = 15.0) -> None:
+        """Wait until this device holds the room's current epoch key (after being added,
+        the wrap arrives with the rekey event)."""
+        await self._connected.wait()
+        await self.logic.await_epoch(room, timeout=timeout)
 
     async def send_text(self, room: str, text: str) -> int:
         return await self.send_body(room, {"type": "text", "text": text})

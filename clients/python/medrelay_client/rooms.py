@@ -131,7 +131,11 @@ class RoomLogic:
         return out
 
     # membership -------------------------------------------------------------------------
-    async def create_room(self, room: str) -> str:
+    async def create_room(
+        self, room: str, *, external_sender: bytes | None = None, history: str = "joined"
+    ) -> str:
+        """Create a room owned by this user. ``external_sender`` is the institution's
+        removal-only key (from ``GET /institutions``), named in the genesis."""
         assert self.cert is not None
         k, now = self.keys, int(time.time())
         genesis = make_genesis(
@@ -140,8 +144,8 @@ class RoomLogic:
             k.identity,
             k.device,
             self.cert,
-            external_sender=None,
-            history="joined",
+            external_sender=external_sender,
+            history=history,
             issued_at=now,
         )
         state, _ = verify_entry(None, genesis)
@@ -188,11 +192,14 @@ class RoomLogic:
         return await self._change(room, "leave", {}, rekey=False)
 
     async def refresh(self, room: str) -> None:
-        """Catch up the roster; if a removal is pending, commit the new epoch now."""
+        """Catch up the roster. If a removal is pending, commit the new epoch now (a member
+        device does this transparently; tablets may not commit and wait for a member);
+        otherwise wait until this device holds the room's current epoch key."""
         _state, info = await self.roster(room)
-        if info.pending_rekey or self.keys.room(room).current != info.epoch:
-            if info.pending_rekey:
-                await self._change(room, None, {}, rekey=True)
+        if info.pending_rekey and self.kind != "tablet":
+            await self._change(room, None, {}, rekey=True)
+            return
+        await self.await_epoch(room, target=info.epoch + (1 if info.pending_rekey else 0))
 
     async def _change(
         self, room: str, action: str | None, params: dict[str, Any], *, rekey: bool
@@ -249,15 +256,20 @@ class RoomLogic:
                 raise
             if rekey:
                 self._keep_epoch(room, epoch, new_state.head, secret)
-            return done.seq
+            # the roster change comes first, then its rekey: return the change's own seq
+            return done.seq - 1 if change is not None and manifest is not None else done.seq
         raise RequestError(ErrorCode.ROSTER_CONFLICT, "could not commit")  # pragma: no cover
 
-    async def _await_epoch(self, room: str, timeout: float = 15.0) -> None:
-        """Wait until this device holds the room's current epoch key (its wrap may still be
-        on its way), or raise ``UnknownEpoch``."""
-        _state, info = await self.roster(room)
+    async def await_epoch(
+        self, room: str, *, target: int | None = None, timeout: float = 15.0
+    ) -> None:
+        """Wait until this device holds epoch ``target`` (default: the room's current epoch)
+        of the room; its wrap may still be on its way."""
+        if target is None:
+            _state, info = await self.roster(room)
+            target = info.epoch
         async with asyncio.timeout(timeout):
-            while self.keys.room(room).current < info.epoch:
+            while self.keys.room(room).current < target:
                 self._epoch_changed.clear()
                 await self._epoch_changed.wait()
 
@@ -274,9 +286,9 @@ class RoomLogic:
     # messages ---------------------------------------------------------------------------
     async def seal(self, room: str, body: dict[str, Any], *, priority: str = "routine") -> Sealed:
         rk = self.keys.room(room)
-        if rk.current == 0 or self.pending.get(room):
+        urgent_now = priority == "urgent" and rk.current > 0  # never blocked by a rekey
+        if rk.current == 0 or (self.pending.get(room) and not urgent_now):
             await self.refresh(room)
-        await self._await_epoch(room)
         rk = self.keys.room(room)
         mid = os.urandom(16)
         header = MessageHeader(

@@ -1,0 +1,110 @@
+"""Revocation (I2): the removal committed at seq L cuts the removed member off at L, and
+what follows is under an epoch key they never received."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from medrelay_client.client import Client, Message
+from medrelay_protocol.envelope import Envelope, open_message
+from medrelay_protocol.errors import DecryptionFailed
+
+from .conftest import Harness
+
+
+async def _room_of_four(h: Harness) -> tuple[Client, Client, Client, Client, str]:
+    alice, bob, carol, dave = [await h.client(u) for u in ("alice", "bob", "carol", "dave")]
+    room = await alice.create_room()
+    for user in ("bob", "carol", "dave"):
+        await alice.add(room, user)
+    for c in (bob, carol, dave):
+        await c.wait_for_key(room)
+    return alice, bob, carol, dave, room
+
+
+class Acks:
+    """Seqs acknowledged to the senders; ``wait_for(n)`` wakes when n acks are in."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self._changed = asyncio.Condition()
+
+    async def add(self, seq: int) -> None:
+        async with self._changed:
+            self.seqs.append(seq)
+            self._changed.notify_all()
+
+    async def wait_for(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.seqs) >= n)
+
+
+async def _sender(client: Client, room: str, tag: str, stop: asyncio.Event, acks: Acks) -> None:
+    i = 0
+    while not stop.is_set():
+        await acks.add(await client.send_text(room, f"{tag}-{i}"))
+        i += 1
+
+
+async def _drain_until(client: Client, seq: int, into: list[Message]) -> None:
+    async with asyncio.timeout(20):
+        while not into or into[-1].seq < seq:
+            into.append(await client.next_message(20))
+
+
+async def test_removal_during_traffic_cuts_off_exactly_at_L(harness: Harness) -> None:
+    alice, bob, carol, dave, room = await _room_of_four(harness)
+    kept = dict(dave.keys.room(room).epochs)  # what a malicious removed client would keep
+    stop = asyncio.Event()
+    acks = Acks()
+    senders = [
+        asyncio.create_task(_sender(bob, room, "bob", stop, acks)),
+        asyncio.create_task(_sender(carol, room, "carol", stop, acks)),
+    ]
+    async with asyncio.timeout(20):
+        await acks.wait_for(10)
+    t0 = time.perf_counter()
+    removal_seq = await alice.remove(room, "dave")
+    t_commit = time.perf_counter() - t0
+    async with asyncio.timeout(20):
+        await acks.wait_for(len(acks.seqs) + 10)  # traffic goes on after the removal
+    stop.set()
+    await asyncio.gather(*senders)
+    last = max(acks.seqs)
+    seen_by: dict[str, list[Message]] = {}
+    for who, c in (("alice", alice), ("bob", bob), ("carol", carol)):
+        seen_by[who] = []
+        await _drain_until(c, last, seen_by[who])
+    # dave: everything up to and including the removal, then nothing.
+    dave_seen: list[Message] = []
+    await _drain_until(dave, removal_seq, dave_seen)
+    t_cut = time.perf_counter() - t0
+    assert dave_seen[-1].seq == removal_seq
+    assert dave_seen[-1].body == {"type": "notice", "action": "remove", "user": "dave"}
+    assert dave._inbox.empty() and max(m.seq for m in dave_seen) == removal_seq
+    assert dave.keys.room(room).epochs == {}  # the client wiped the room's keys
+    # everyone else decrypts every message after the removal
+    later = [s for s in acks.seqs if s > removal_seq]
+    assert later
+    for who, seen in seen_by.items():
+        decrypted = {m.seq for m in seen if m.kind == "message" and m.problem is None}
+        assert set(later) <= decrypted, who
+    # the secrets dave kept open nothing sent after the removal
+    events = await harness.store.room_events(room, removal_seq, limit=1000)
+    messages = [ev for ev in events if ev.kind == "message"]
+    assert messages
+    sender_keys = {
+        d.device_id: d.signing_key for d in await harness.store.devices_for(["bob", "carol"])
+    }
+    for ev in messages:
+        env = Envelope.decode(ev.payload)
+        assert env.header.epoch > max(kept)
+        for secret in kept.values():
+            with pytest.raises(DecryptionFailed):
+                open_message(env, sender_key=sender_keys[ev.sender_device], epoch_secret=secret)
+    print(
+        f"\nremoval commit {t_commit * 1000:.1f} ms; removed device saw its cut-off "
+        f"{t_cut * 1000:.1f} ms after the remove call"
+    )
