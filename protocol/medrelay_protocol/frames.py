@@ -24,7 +24,7 @@ WRAP = 128
 CHUNK = 300 * 1024
 ROLE_CHOICES = ("owner", "member", "observer", "device")
 PRESENCE_CHOICES = ("online", "away", "offline")
-KIND_CHOICES = ("message", "roster", "rekey", "summon")
+KIND_CHOICES = ("message", "roster", "rekey", "summon", "grant")
 
 R = TypeVar("R", bound=Record)
 
@@ -202,6 +202,19 @@ class Summon(Frame):
     mid: bytes = bound(min_len=16, max_len=16)
     envelope: bytes = bound(min_len=1, max_len=ENVELOPE)
     role: str = bound(min_len=1, max_len=64)
+
+
+@client_frame("grant_history")
+@dataclass(frozen=True, slots=True)
+class GrantHistory(Frame):
+    """A signed history grant (see ``grants.py``) for a member added with
+    ``history_from_seq``; stored as a room event of kind ``grant``. ``mid`` makes it
+    idempotent like a send."""
+
+    rid: str = RID()
+    room: str = ROOM_ID()
+    mid: bytes = bound(min_len=16, max_len=16)
+    grant: bytes = bound(min_len=1, max_len=ENVELOPE)
 
 
 @client_frame("receipt")

@@ -21,6 +21,8 @@ from medrelay_protocol.crypto import ReceivingKey, SigningKey, device_id_for
 class RoomKeys:
     epochs: dict[int, bytes] = field(default_factory=dict)
     heads: dict[int, bytes] = field(default_factory=dict)
+    starts: dict[int, int] = field(default_factory=dict)
+    """Epoch number -> seq of the rekey event that started it (for history grants)."""
     current: int = 0
     pinned_length: int = 0
     pinned_head: bytes = b""
@@ -31,6 +33,7 @@ class RoomKeys:
         return {
             "epochs": {str(k): v.hex() for k, v in self.epochs.items()},
             "heads": {str(k): v.hex() for k, v in self.heads.items()},
+            "starts": {str(k): v for k, v in self.starts.items()},
             "current": self.current,
             "pinned_length": self.pinned_length,
             "pinned_head": self.pinned_head.hex(),
@@ -43,6 +46,7 @@ class RoomKeys:
         return cls(
             epochs={int(k): bytes.fromhex(v) for k, v in data["epochs"].items()},
             heads={int(k): bytes.fromhex(v) for k, v in data["heads"].items()},
+            starts={int(k): int(v) for k, v in data.get("starts", {}).items()},
             current=int(data["current"]),
             pinned_length=int(data["pinned_length"]),
             pinned_head=bytes.fromhex(data["pinned_head"]),

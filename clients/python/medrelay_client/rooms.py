@@ -33,6 +33,7 @@ from medrelay_protocol.frames import (
     Devices,
     GetDevices,
     GetRoster,
+    GrantHistory,
     History,
     HistoryPage,
     Ok,
@@ -41,6 +42,7 @@ from medrelay_protocol.frames import (
     Send,
     Summon,
 )
+from medrelay_protocol.grants import HistoryGrant, build_grant
 from medrelay_protocol.identity import DeviceBundle, DeviceCertificate
 from medrelay_protocol.roster import (
     RosterState,
@@ -112,12 +114,16 @@ class RoomLogic:
     async def recipients(self, state: RosterState) -> dict[str, bytes]:
         """Certified devices of the roster's members -> receiving keys (never the server's
         word: certificates are checked under the identity keys the roster pins)."""
+        return {d: pub for d, (_user, pub) in (await self.certified(state)).items()}
+
+    async def certified(self, state: RosterState) -> dict[str, tuple[str, bytes]]:
+        """Certified devices with an unexpired bundle: device id -> (user, receiving key)."""
         users = tuple(sorted(state.members))
         reply: Devices = await self.request(GetDevices(rid=self.rid(), users=users), Devices)
         now = int(time.time())
         certs = {u.user: list(u.certificates) for u in reply.users}
         certified = certified_devices(state, certs, now=now)
-        out: dict[str, bytes] = {}
+        out: dict[str, tuple[str, bytes]] = {}
         for u in reply.users:
             for raw in u.bundles:
                 for cert in certified.values():
@@ -127,7 +133,7 @@ class RoomLogic:
                         b = DeviceBundle.verify(raw, cert.device_key, now=now)
                     except MedrelayError:
                         continue
-                    out[b.device_id] = b.receiving_key
+                    out[b.device_id] = (u.user, b.receiving_key)
         return out
 
     # membership -------------------------------------------------------------------------
@@ -168,7 +174,7 @@ class RoomLogic:
             ),
             Committed,
         )
-        self._keep_epoch(room, 1, state.head, rekey.secret)
+        self._keep_epoch(room, 1, state.head, rekey.secret, start=2)
         rk = k.room(room)
         rk.pinned_length, rk.pinned_head = state.length, state.head
         self.rosters[room] = state
@@ -183,7 +189,39 @@ class RoomLogic:
         params: dict[str, Any] = {"user": user, "identity_key": identity, "role": role}
         if history_from_seq is not None:
             params["history_from_seq"] = history_from_seq
-        return await self._change(room, "add", params, rekey=True)
+        seq = await self._change(room, "add", params, rekey=True)
+        if history_from_seq is not None:
+            await self.grant_history(room, user, history_from_seq, added_at=seq)
+        return seq
+
+    async def grant_history(self, room: str, user: str, from_seq: int, *, added_at: int) -> int:
+        """Wrap the epoch secrets covering seqs [from_seq, added_at) to the newcomer's
+        certified devices, taken from this client's own verified roster."""
+        rk = self.keys.room(room)
+        starts = sorted(rk.starts.items(), key=lambda kv: kv[1])
+        covering: dict[int, tuple[bytes, bytes]] = {}
+        for i, (number, start) in enumerate(starts):
+            end = starts[i + 1][1] - 1 if i + 1 < len(starts) else added_at
+            if start < added_at and end >= from_seq and number in rk.epochs:
+                covering[number] = (rk.heads[number], rk.epochs[number])
+        state, _ = await self.roster(room)  # verified, and now including the newcomer
+        devices = {
+            d: pub for d, (owner, pub) in (await self.certified(state)).items() if owner == user
+        }
+        if not covering or not devices:
+            return 0
+        grant = build_grant(
+            room=room,
+            grantee=user,
+            from_seq=from_seq,
+            granter=self.keys.device,
+            epochs=covering,
+            recipients=devices,
+        )
+        ack: Ack = await self.request(
+            GrantHistory(rid=self.rid(), room=room, mid=os.urandom(16), grant=grant), Ack
+        )
+        return ack.seq
 
     async def remove(self, room: str, user: str) -> int:
         return await self._change(room, "remove", {"user": user}, rekey=True)
@@ -255,7 +293,7 @@ class RoomLogic:
                     continue
                 raise
             if rekey:
-                self._keep_epoch(room, epoch, new_state.head, secret)
+                self._keep_epoch(room, epoch, new_state.head, secret, start=done.seq)
             # the roster change comes first, then its rekey: return the change's own seq
             return done.seq - 1 if change is not None and manifest is not None else done.seq
         raise RequestError(ErrorCode.ROSTER_CONFLICT, "could not commit")  # pragma: no cover
@@ -273,10 +311,14 @@ class RoomLogic:
                 self._epoch_changed.clear()
                 await self._epoch_changed.wait()
 
-    def _keep_epoch(self, room: str, number: int, head: bytes, secret: bytes) -> None:
+    def _keep_epoch(
+        self, room: str, number: int, head: bytes, secret: bytes, start: int | None = None
+    ) -> None:
         rk = self.keys.room(room)
         rk.epochs[number] = secret
         rk.heads[number] = head
+        if start is not None:
+            rk.starts[number] = start
         if number > rk.current:
             rk.current, rk.counter = number, 0
         self.pending[room] = False
@@ -328,7 +370,30 @@ class RoomLogic:
         if ev.kind == "rekey":
             await self._on_rekey(ev)
             return None, None
+        if ev.kind == "grant":
+            return await self._on_grant(ev)
         return await self.decrypt_event(ev)
+
+    async def _on_grant(self, ev: Deliver) -> tuple[Any, str | None]:
+        grant = HistoryGrant.parse_unverified(ev.payload)
+        if grant.grantee != self.keys.user:
+            return None, None
+        key = await self.device_key(ev.room, ev.user, ev.sender)
+        grant = HistoryGrant.verify(ev.payload, key)
+        secrets = grant.open(device_id=self.keys.device_id, receiving=self.keys.receiving)
+        rk = self.keys.room(ev.room)
+        for e in grant.epochs:
+            if e.number in secrets and e.number not in rk.epochs:
+                rk.epochs[e.number] = secrets[e.number]
+                rk.heads[e.number] = e.roster_head
+        self.keys.save()
+        notice = {
+            "type": "notice",
+            "action": "history_grant",
+            "user": ev.user,
+            "from_seq": grant.from_seq,
+        }
+        return notice, None
 
     async def _on_roster(self, ev: Deliver) -> tuple[Any, str | None]:
         entry = decode_entry(ev.payload)
@@ -355,7 +420,7 @@ class RoomLogic:
         secret = open_rekey(
             manifest, ev.wrap, device_id=self.keys.device_id, receiving=self.keys.receiving
         )
-        self._keep_epoch(ev.room, manifest.epoch_number, manifest.roster_head, secret)
+        self._keep_epoch(ev.room, manifest.epoch_number, manifest.roster_head, secret, start=ev.seq)
 
     async def device_key(self, room: str, user: str, device: str) -> bytes:
         cached = self._device_keys.get((user, device))

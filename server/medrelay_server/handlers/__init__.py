@@ -5,7 +5,7 @@ from __future__ import annotations
 from medrelay_protocol import frames as f
 
 from ..gateway.context import HandlerFn
-from . import blobs, devices, messages, rooms
+from . import blobs, devices, grants, messages, rooms
 
 HANDLERS: dict[type[f.Frame], HandlerFn] = {
     f.RegisterDevice: devices.handle_register_device,
@@ -24,4 +24,5 @@ HANDLERS: dict[type[f.Frame], HandlerFn] = {
     f.Typing: messages.handle_typing,
     f.ReadMarker: messages.handle_read_marker,
     f.Presence: messages.handle_presence,
+    f.GrantHistory: grants.handle_grant_history,
 }

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
+from .audit import ChainWriter, write_audit
 from .base import AppendResult, AuditRecord, StoredEvent
 from .rows import (
     EVENT_COLUMNS,
@@ -25,16 +26,20 @@ from .rows import (
     insert_event,
     lock_room,
     refuse,
-    write_audit,
 )
 
-MESSAGE_KINDS = {"message": policy.may_post, "summon": policy.may_summon}
+MESSAGE_KINDS = {
+    "message": policy.may_post,
+    "summon": policy.may_summon,
+    "grant": policy.may_commit_epoch,  # history grants: only roles that hold and commit keys
+}
 KINDS_FOR_NON_RECEIVERS = ("roster", "rekey")
 RECEIVER_ROLES = tuple(role for role in policy.ROLES if policy.may_receive(role))
 
 
 async def append_message(
     conn: AsyncConnection,
+    writer: ChainWriter,
     room: str,
     *,
     user: str,
@@ -64,7 +69,9 @@ async def append_message(
         original = event_of(row)
         if original.payload != envelope or original.kind != kind or original.sender_user != user:
             raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
-        await write_audit(conn, audit, now=now, room=room, seqs=(original.seq, original.seq))
+        await write_audit(
+            conn, writer, audit, now=now, room=room, seqs=(original.seq, original.seq)
+        )
         return AppendResult(original, duplicate=True)
     if epoch != state.epoch:
         raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
@@ -74,7 +81,7 @@ async def append_message(
     stored = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
     await insert_event(conn, stored)
     await conn.execute(sa.update(t.rooms).where(t.rooms.c.room == room).values(last_seq=seq))
-    await write_audit(conn, audit, now=now, room=room, seqs=(seq, seq))
+    await write_audit(conn, writer, audit, now=now, room=room, seqs=(seq, seq))
     return AppendResult(stored, duplicate=False)
 
 
