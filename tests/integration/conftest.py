@@ -13,6 +13,7 @@ from medrelay_server.app import create_app
 from medrelay_server.auth.dev import DevIssuer
 from medrelay_server.clock import SystemClock
 from medrelay_server.fanout.base import Broker
+from medrelay_server.gateway.context import Gateway
 from medrelay_server.fanout.memory import InMemoryBroker
 from medrelay_server.serve import Running, running
 from medrelay_server.settings import Limits, Settings
@@ -27,16 +28,22 @@ class Harness:
     tmp: Path
     clients: list[Client] = field(default_factory=list)
 
+    @property
+    def gateway(self) -> Gateway:
+        """The running app's gateway (for server-side actions such as institution removals)."""
+        gw: Gateway = self.server.server.config.app.state.gateway
+        return gw
+
     def token(self, user: str, kind: str = "person") -> str:
         return self.issuer.issue(user, SystemClock().now(), kind=kind)
 
-    async def client(self, user: str, *, start: bool = True) -> Client:
+    async def client(self, user: str, *, start: bool = True, kind: str = "person") -> Client:
         keys = KeyStore.load_or_create(user, self.tmp / "keys" / user)
 
         async def token() -> str:
-            return self.token(user)
+            return self.token(user, kind)
 
-        c = Client(self.server.url, keys, token)
+        c = Client(self.server.url, keys, token, kind=kind)
         self.clients.append(c)
         if start:
             await c.start()

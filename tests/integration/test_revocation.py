@@ -108,3 +108,48 @@ async def test_removal_during_traffic_cuts_off_exactly_at_L(harness: Harness) ->
         f"\nremoval commit {t_commit * 1000:.1f} ms; removed device saw its cut-off "
         f"{t_cut * 1000:.1f} ms after the remove call"
     )
+
+
+async def test_no_freeze_institution_removal_with_only_a_tablet_online(harness: Harness) -> None:
+    """The institution's external sender removes a doctor (register lapse) while only the
+    bedside tablet is online: the tablet's urgent page still goes through (the rekey is
+    pending), and the first doctor device to send afterwards commits the new epoch."""
+    from medrelay_protocol.crypto import SigningKey
+    from medrelay_protocol.roster import make_external_change, verify_roster
+    from medrelay_server.handlers.rooms import commit_external
+
+    institution = SigningKey.generate()
+    alice, bob = await harness.client("alice"), await harness.client("bob")
+    tablet = await harness.client("ward7-tablet", kind="tablet")
+    room = await alice.create_room(external_sender=institution.public)
+    await alice.add(room, "bob")
+    await alice.add(room, "ward7-tablet", role="device")
+    await tablet.wait_for_key(room)
+    await bob.wait_for_key(room)
+    epoch_before = alice.keys.room(room).current
+    await alice.close()
+    roster = verify_roster(await harness.store.roster_entries(room), room=room)
+    removal = make_external_change(
+        roster, "remove", {"user": "bob"}, external_key=institution, issued_at=int(time.time())
+    )
+    removal_seq = await commit_external(harness.gateway, room, removal, institution="qmh")
+    state = await harness.store.room_state(room)
+    assert state is not None and state.pending_rekey
+    page_seq = await tablet.send_body(room, {"type": "page"}, urgent_role="on-call medicine")
+    assert page_seq > removal_seq
+    assert (await harness.store.room_state(room)).epoch == epoch_before  # type: ignore[union-attr]
+    audit = await harness.store.audit_records(room=room)
+    assert any(r.action == "membership_change" and r.target == "bob" for r in audit)
+    # bob's device is cut off at the removal: the page after it never reaches him
+    bob_seen: list[Message] = []
+    await _drain_until(bob, removal_seq, bob_seen)
+    assert bob_seen[-1].seq == removal_seq and bob._inbox.empty()
+    # the first doctor device to send commits the new epoch, transparently
+    alice2 = await harness.client("alice")
+    seq = await alice2.send_text(room, "reviewed the page")
+    state = await harness.store.room_state(room)
+    assert state is not None and not state.pending_rekey and state.epoch == epoch_before + 1
+    assert seq > page_seq
+    events = await harness.store.room_events(room, page_seq, limit=10)
+    assert [e.kind for e in events] == ["rekey", "message"]
+    assert bob._inbox.empty()

@@ -20,7 +20,7 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
 from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
 from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
-from medrelay_protocol.errors import MedrelayError, RequestError
+from medrelay_protocol.errors import BadSignature, MedrelayError, RequestError
 from medrelay_protocol.frames import (
     Ack,
     BlobChunk,
@@ -453,6 +453,9 @@ class RoomLogic:
             return {"type": "notice", "kind": ev.kind}, None
         env = Envelope.decode(ev.payload)
         header = env.header
+        if header.room != ev.room or header.sender_device != ev.sender:
+            # the server relabelled a message to another room or sender: never show it
+            raise BadSignature("message relabelled: header names another room or sender")
         secret = self.keys.room(ev.room).epochs.get(header.epoch)
         if secret is None:
             return None, (
