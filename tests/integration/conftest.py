@@ -13,8 +13,8 @@ from medrelay_server.app import create_app
 from medrelay_server.auth.dev import DevIssuer
 from medrelay_server.clock import SystemClock
 from medrelay_server.fanout.base import Broker
-from medrelay_server.gateway.context import Gateway
 from medrelay_server.fanout.memory import InMemoryBroker
+from medrelay_server.gateway.context import Gateway
 from medrelay_server.serve import Running, running
 from medrelay_server.settings import Limits, Settings
 from medrelay_server.store.sql import SqlStore
