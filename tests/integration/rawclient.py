@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +31,8 @@ from medrelay_protocol.crypto import (
     sign_with_label,
 )
 from medrelay_protocol.envelope import MESSAGE_LABEL, Envelope, MessageHeader
-from medrelay_protocol.frames import Challenge, Error, Frame, Hello, Welcome
-from medrelay_protocol.identity import sign_connect_proof
+from medrelay_protocol.frames import Challenge, Error, Frame, Hello, Ok, RegisterDevice, Welcome
+from medrelay_protocol.identity import DeviceBundle, DeviceCertificate, sign_connect_proof
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -111,8 +112,11 @@ class RawClient:
         token: str,
         *,
         token_in_hello: bool = False,
+        register: bool = True,
         **connect_kw: Any,
     ) -> RawClient:
+        """Connect and authenticate; with ``register`` (the default) also publish the
+        device's certificate and bundle, as every real client does before using rooms."""
         ws = await connect_ws(url, token=None if token_in_hello else token, **connect_kw)
         challenge = await recv_frame(ws)
         assert isinstance(challenge, Challenge), challenge
@@ -123,7 +127,22 @@ class RawClient:
         if not isinstance(reply, Welcome):
             await ws.close()
             raise AssertionError(f"expected welcome, got {reply!r}")
-        return cls(ws, keys, reply)
+        raw = cls(ws, keys, reply)
+        if register:
+            now = int(time.time())
+            cert = DeviceCertificate.issue(
+                keys.identity, keys.user, keys.device.public, "person", now
+            )
+            bundle = DeviceBundle.issue(keys.device, keys.receiving.public, now + 86400)
+            frame = RegisterDevice(
+                rid="register",
+                identity_key=keys.identity.public,
+                certificate=cert.raw,
+                bundle=bundle.raw,
+            )
+            ok = await raw.request(frame)
+            assert isinstance(ok, Ok), ok
+        return raw
 
     def rid(self) -> str:
         return f"raw{next(self._rids)}"

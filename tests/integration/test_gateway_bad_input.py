@@ -257,26 +257,33 @@ async def test_replayed_mid_with_other_bytes_is_idempotency_mismatch(world: Worl
     await world.alive()
 
 
-async def test_flood_is_rate_limited_with_retry_after(world: World) -> None:
-    limits = Limits()  # what the harness fixture runs with
-    n = limits.send_burst + 30
-    raw = await world.raw()
-    envs = [
-        room_envelope(world.carol.keys, world.room, {"type": "text", "text": f"flood {i}"})
-        for i in range(n)
-    ]
-    for i, env in enumerate(envs):
-        await raw.send(
-            Send(rid=f"f{i}", room=world.room, mid=env.header.mid, envelope=env.encode())
-        )
-    replies = [await raw.reply_to(f"f{i}") for i in range(n)]
-    acks = [r for r in replies if isinstance(r, Ack)]
-    limited = [r for r in replies if isinstance(r, Error)]
-    assert all(e.code == ErrorCode.RATE_LIMITED for e in limited), limited
-    assert limited, "a flood beyond the burst must be rate limited"
-    assert all(e.retry_after_ms is not None and e.retry_after_ms > 0 for e in limited)
-    assert len(acks) >= limits.send_burst
-    await world.alive()
+async def test_flood_is_rate_limited_with_retry_after(tmp_path: Path) -> None:
+    """A slow refill (one token every 10 s) so that no timing of the run can refill the
+    bucket during the flood: exactly the burst is accepted, the rest is refused."""
+    limits = Limits(sends_per_second=0.1, send_burst=5)
+    async with harness_with(tmp_path, limits) as h:
+        world = await _world(h)
+        n = limits.send_burst + 20
+        raw = await world.raw()
+        try:
+            envs = [
+                room_envelope(world.carol.keys, world.room, {"type": "text", "text": f"f{i}"})
+                for i in range(n)
+            ]
+            for i, env in enumerate(envs):
+                await raw.send(
+                    Send(rid=f"f{i}", room=world.room, mid=env.header.mid, envelope=env.encode())
+                )
+            replies = [await raw.reply_to(f"f{i}") for i in range(n)]
+        finally:
+            await raw.close()
+        acks = [r for r in replies if isinstance(r, Ack)]
+        limited = [r for r in replies if isinstance(r, Error)]
+        assert all(e.code == ErrorCode.RATE_LIMITED for e in limited), limited
+        assert len(acks) == limits.send_burst  # carol's client had not sent yet
+        assert len(limited) == n - limits.send_burst
+        assert all(e.retry_after_ms is not None and e.retry_after_ms > 0 for e in limited)
+        await assert_alive(world.alice, world.bob, world.room)
 
 
 # ------------------------------------------------------------------- handshake

@@ -39,6 +39,7 @@ class Connection:
     catching_up: set[str] = field(default_factory=set)
     closed: bool = False
     reauth_deadline: int | None = None
+    registered: bool = False
     close_code: int | None = None
     _queue: asyncio.Queue[bytes | None] = field(init=False)
     _writer: asyncio.Task[None] | None = field(default=None, init=False)

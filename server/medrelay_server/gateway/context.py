@@ -12,7 +12,7 @@ from typing import Any
 
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
-from medrelay_protocol.frames import Frame, Ok, Reauth
+from medrelay_protocol.frames import Frame, GetDevices, Ok, Reauth, RegisterDevice
 
 from ..auth.base import IdentityProvider
 from ..clock import Clock
@@ -27,6 +27,7 @@ from .connection import Connection
 log = logging.getLogger(__name__)
 
 HandlerFn = Callable[["Gateway", Connection, Any], Awaitable[None]]
+UNREGISTERED_OK = (RegisterDevice, GetDevices)
 
 
 @dataclass
@@ -46,7 +47,18 @@ class Gateway:
         handler = self.handlers.get(type(frame))
         if handler is None:
             raise RequestError(ErrorCode.UNKNOWN_FRAME_TYPE, "not a request frame")
+        if not conn.registered and not isinstance(frame, UNREGISTERED_OK):
+            await self._require_registered(conn)
         await handler(self, conn, frame)
+
+    async def _require_registered(self, conn: Connection) -> None:
+        """A token names a user; only a device certified by that user's identity key may act
+        in rooms. A stolen token with a device of the thief's own is refused here
+        (``UNKNOWN_DEVICE``): it cannot register without the user's identity key."""
+        record = await self.store.get_device(conn.device)
+        if record is None or record.user != conn.user or record.revoked:
+            raise RequestError(ErrorCode.UNKNOWN_DEVICE, "register this device first")
+        conn.registered = True
 
     def reply(self, conn: Connection, frame: Frame) -> None:
         from medrelay_protocol import codec

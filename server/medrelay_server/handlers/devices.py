@@ -36,6 +36,7 @@ async def handle_register_device(gw: Gateway, conn: Connection, frame: RegisterD
             created_at=now,
         )
     )
+    conn.registered = True
     await gw.store.journal([gw.audit(conn, "device_register", target=conn.device)])
     gw.reply(conn, Ok(rid=frame.rid))
 
