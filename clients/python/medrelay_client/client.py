@@ -225,6 +225,16 @@ class Client:
         self.keys.forget_room(room)
         return seq
 
+    async def revoke_device(self, device_id: str) -> list[str]:
+        """Revoke one of this user's devices (lost or stolen) from this device: a signed
+        ``revoke_device`` change with a rekey in every room, so the device is cut off and
+        every later message is under a key it never had. Returns the rooms rotated."""
+        await self._connected.wait()
+        rooms = sorted(await self.rooms())
+        for room in rooms:
+            await self.logic.revoke_device(room, device_id)
+        return rooms
+
     async def wait_for_key(self, room: str, timeout: float = 15.0) -> None:
         """Wait until this device holds the room's current epoch key (after being added,
         the wrap arrives with the rekey event)."""

@@ -226,6 +226,10 @@ class RoomLogic:
     async def remove(self, room: str, user: str) -> int:
         return await self._change(room, "remove", {"user": user}, rekey=True)
 
+    async def revoke_device(self, room: str, device_id: str) -> int:
+        params = {"user": self.keys.user, "device": device_id}
+        return await self._change(room, "revoke_device", params, rekey=True)
+
     async def leave(self, room: str) -> int:
         return await self._change(room, "leave", {}, rekey=False)
 

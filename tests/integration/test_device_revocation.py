@@ -1,0 +1,67 @@
+"""A lost device revoked by its user is cut off from every room at once, every room rotates
+to an epoch it never receives, and it cannot connect again."""
+
+from __future__ import annotations
+
+import pytest
+from medrelay_client.client import Client
+from medrelay_client.keystore import KeyStore
+from medrelay_protocol import codec
+from medrelay_protocol.codes import CloseCode
+from medrelay_protocol.envelope import Envelope, open_message
+from medrelay_protocol.errors import DecryptionFailed
+from medrelay_protocol.frames import Challenge
+
+from .conftest import Harness
+from .rawclient import close_code_after, connect_ws, hello_for, recv_frame
+
+
+async def _second_device(h: Harness, first: Client) -> Client:
+    """The user's second phone: its own device keys, certified by the same identity key
+    (shared through the user's encrypted key backup)."""
+    keys = KeyStore.create(first.user, None)
+    keys.identity = first.keys.identity
+
+    async def token() -> str:
+        return h.token(first.user)
+
+    phone = Client(h.server.url, keys, token)
+    h.clients.append(phone)
+    await phone.start()
+    return phone
+
+
+async def test_revoked_device_is_cut_off_everywhere(harness: Harness) -> None:
+    alice = await harness.client("alice")
+    phone = await _second_device(harness, alice)
+    bob = await harness.client("bob")
+    rooms = []
+    for _ in range(2):
+        room = await alice.create_room()
+        await alice.add(room, "bob")
+        rooms.append(room)
+    for room in rooms:
+        await phone.wait_for_key(room)
+    kept = {room: dict(phone.keys.room(room).epochs) for room in rooms}
+    rotated = await alice.revoke_device(phone.keys.device_id)
+    assert sorted(rotated) == sorted(rooms)
+    record = await harness.store.get_device(phone.keys.device_id)
+    assert record is not None and record.revoked
+    for room in rooms:
+        seq = await bob.send_text(room, "after the phone was lost")
+        events = await harness.store.room_events(room, seq - 1, limit=1)
+        env = Envelope.decode(events[0].payload)
+        assert env.header.epoch > max(kept[room])
+        bob_key = (await harness.store.get_device(bob.keys.device_id)).signing_key  # type: ignore[union-attr]
+        for secret in kept[room].values():
+            with pytest.raises(DecryptionFailed):
+                open_message(env, sender_key=bob_key, epoch_secret=secret)
+    await phone.close()
+    ws = await connect_ws(harness.server.url, token=harness.token("alice"))
+    challenge = await recv_frame(ws)
+    assert isinstance(challenge, Challenge)
+    await ws.send(codec.encode(hello_for(phone.keys, challenge.nonce)))
+    code, _frames = await close_code_after(ws)
+    assert code == CloseCode.DEVICE_REVOKED
+    audit = await harness.store.audit_records()
+    assert any(r.action == "device_revoke" and r.target == phone.keys.device_id for r in audit)
