@@ -153,3 +153,23 @@ async def test_no_freeze_institution_removal_with_only_a_tablet_online(harness: 
     events = await harness.store.room_events(room, page_seq, limit=10)
     assert [e.kind for e in events] == ["rekey", "message"]
     assert bob._inbox.empty()
+
+
+async def test_epochs_rotate_on_message_count(harness: Harness) -> None:
+    """A sender rotates the room's epoch after ``max_epoch_messages`` of its own messages;
+    everyone keeps reading across the rotation."""
+    alice, bob = await harness.client("alice"), await harness.client("bob")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await bob.wait_for_key(room)
+    alice.logic.max_epoch_messages = 3
+    start = alice.keys.room(room).current
+    sent = [f"obs {i}" for i in range(7)]
+    for text in sent:
+        await alice.send_text(room, text)
+    assert alice.keys.room(room).current == start + 2  # after messages 3 and 6
+    got: list[Message] = []
+    while len([m for m in got if m.kind == "message"]) < len(sent):
+        got.append(await bob.next_message(10))
+    texts = [m.body["text"] for m in got if m.kind == "message" and m.problem is None]
+    assert texts == sent

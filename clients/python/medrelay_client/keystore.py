@@ -28,6 +28,7 @@ class RoomKeys:
     pinned_head: bytes = b""
     last_seq: int = 0
     counter: int = 0
+    started_at: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +40,7 @@ class RoomKeys:
             "pinned_head": self.pinned_head.hex(),
             "last_seq": self.last_seq,
             "counter": self.counter,
+            "started_at": self.started_at,
         }
 
     @classmethod
@@ -52,6 +54,7 @@ class RoomKeys:
             pinned_head=bytes.fromhex(data["pinned_head"]),
             last_seq=int(data["last_seq"]),
             counter=int(data["counter"]),
+            started_at=int(data.get("started_at", 0)),
         )
 
 

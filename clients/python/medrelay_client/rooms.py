@@ -20,7 +20,8 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
 from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
 from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
-from medrelay_protocol.errors import BadSignature, MedrelayError, RequestError
+from medrelay_protocol.epoch_state import ReplayGuard, should_rotate
+from medrelay_protocol.errors import BadSignature, MedrelayError, ReplayDetected, RequestError
 from medrelay_protocol.frames import (
     Ack,
     BlobChunk,
@@ -67,6 +68,11 @@ class Sealed:
 
 
 class RoomLogic:
+    max_epoch_age = 7 * 86400
+    """Rotate a room's epoch after this many seconds (timer rotation)."""
+    max_epoch_messages = 1000
+    """... or after this device sent this many messages in it (count rotation)."""
+
     def __init__(self, keys: KeyStore, request: Request, *, kind: str = "person") -> None:
         self.keys = keys
         self._request = request
@@ -74,7 +80,7 @@ class RoomLogic:
         self.rosters: dict[str, RosterState] = {}
         self.pending: dict[str, bool] = {}
         self._device_keys: dict[tuple[str, str], bytes] = {}
-        self._seen: set[tuple[str, str, int, int]] = set()
+        self._replay: dict[str, ReplayGuard] = {}
         self._rids = itertools.count(1)
         self.cert: DeviceCertificate | None = None
         self._epoch_changed = asyncio.Event()
@@ -324,7 +330,7 @@ class RoomLogic:
         if start is not None:
             rk.starts[number] = start
         if number > rk.current:
-            rk.current, rk.counter = number, 0
+            rk.current, rk.counter, rk.started_at = number, 0, int(time.time())
         self.pending[room] = False
         self.keys.save()
         self._epoch_changed.set()
@@ -336,6 +342,15 @@ class RoomLogic:
         if rk.current == 0 or (self.pending.get(room) and not urgent_now):
             await self.refresh(room)
         rk = self.keys.room(room)
+        if not urgent_now and self.kind != "tablet" and should_rotate(
+            int(time.time()),
+            rk.counter,
+            started_at=rk.started_at or int(time.time()),
+            max_age=self.max_epoch_age,
+            max_messages=self.max_epoch_messages,
+        ):
+            await self._change(room, None, {}, rekey=True)  # bound what one epoch key exposes
+            rk = self.keys.room(room)
         mid = os.urandom(16)
         header = MessageHeader(
             room=room,
@@ -468,12 +483,13 @@ class RoomLogic:
             )
         key = await self.device_key(ev.room, ev.user, header.sender_device)
         _, body = open_message(env, sender_key=key, epoch_secret=secret)
-        replay = (ev.room, header.sender_device, header.epoch, header.counter)
         if not live:
             return body, None
-        if replay in self._seen:
+        guard = self._replay.setdefault(ev.room, ReplayGuard())
+        try:
+            guard.accept(header.sender_device, header.epoch, header.counter)
+        except ReplayDetected:
             return None, "dropped: a replay of an earlier message"
-        self._seen.add(replay)
         return body, None
 
     async def history(self, room: str, *, before: int, limit: int) -> tuple[Deliver, ...]:
