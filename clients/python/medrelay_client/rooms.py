@@ -19,8 +19,8 @@ from typing import Any
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
 from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
-from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
 from medrelay_protocol.epoch_state import ReplayGuard, should_rotate
+from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
 from medrelay_protocol.errors import BadSignature, MedrelayError, ReplayDetected, RequestError
 from medrelay_protocol.frames import (
     Ack,
