@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -19,9 +20,15 @@ from .fanout.base import Broker
 from .gateway.context import Gateway
 from .gateway.endpoint import websocket_endpoint
 from .handlers import HANDLERS
+from .journal.anchoring import AnchorService
+from .journal.delivery import DeliveryJournal
 from .metrics import Metrics
+from .register.recheck import commit_via
 from .settings import Settings
+from .signin import IdentityStack
 from .store.base import Store
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -31,9 +38,17 @@ def create_app(
     broker: Broker,
     clock: Clock,
     identity: IdentityProvider,
+    signin: IdentityStack | None = None,
+    anchors: AnchorService | None = None,
 ) -> Starlette:
+    """Build the app. ``identity`` checks bearer tokens; ``signin`` (institutions' OIDC
+    sign-in, token refresh, the practitioner register and its re-check job) is optional:
+    the embedded default runs the development issuer instead. ``anchors`` periodically
+    signs the journal's chain heads and pushes them to the witnesses (and renews this
+    node's journal lease)."""
     metrics = Metrics()
     registry = Registry()
+    journal = DeliveryJournal(store, clock)
     delivery = Delivery(
         store=store,
         broker=broker,
@@ -50,6 +65,7 @@ def create_app(
         metrics=metrics,
         registry=registry,
         delivery=delivery,
+        journal=journal,
         handlers=dict(HANDLERS),
     )
 
@@ -60,14 +76,33 @@ def create_app(
         if on_resync is None:  # a broker that can lose messages tells us when to resync
             broker.on_resync = delivery.resync  # type: ignore[attr-defined]
         await broker.start()
-        poller = asyncio.create_task(delivery.poll_forever(settings.limits.poll_interval))
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(delivery.poll_forever(settings.limits.poll_interval)),
+            asyncio.create_task(journal.run()),
+        ]
+        if anchors is not None:
+            tasks.append(asyncio.create_task(anchors.run(stop)))
+        if signin is not None:
+            rechecker = signin.rechecker(store, commit_via(gateway))
+            tasks.append(
+                asyncio.create_task(rechecker.run_forever(clock, settings.recheck_interval))
+            )
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            stop.set()
             await delivery.close()
+            try:
+                await journal.close()  # clean shutdown: every delivery record is written
+            except Exception:
+                log.exception("could not flush the delivery journal at shutdown")
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if signin is not None:
+                await signin.close()
             await broker.close()
             await store.close()
 
@@ -95,6 +130,8 @@ def create_app(
         Route("/metrics", metrics_endpoint),
         WebSocketRoute("/ws", websocket_endpoint),
     ]
+    if signin is not None:
+        routes.extend(signin.routes())
     if settings.dev_issuer and isinstance(identity, DevIssuer):
         routes.append(Route("/dev/token", _dev_token(identity, clock), methods=["POST"]))
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -1,30 +1,74 @@
-"""``medrelay``: serve (embedded default), demo."""
+"""``medrelay``: serve, demo, audit and register commands.
+
+``serve`` is the composition of a node from flags and environment variables: the store
+(SQLite file by default, PostgreSQL with ``--database-url``), the broker (in-process by
+default, Redis with ``--broker-url``), and the identity provider (the development issuer
+with ``--dev-issuer``, institutions' OIDC sign-in with ``--institutions``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
+
+from starlette.applications import Starlette
 
 from .settings import Settings
 
 
-def build_app(settings: Settings):  # type: ignore[no-untyped-def]
+def build_app(settings: Settings) -> Starlette:
     from .app import create_app
+    from .auth.base import IdentityProvider
     from .auth.dev import DevIssuer
     from .clock import SystemClock
+    from .fanout.base import Broker
     from .fanout.memory import InMemoryBroker
+    from .journal.anchoring import AnchorService
+    from .signin import IdentityStack, build_identity
     from .store.sql import SqlStore
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    clock = SystemClock()
+    broker: Broker
+    if settings.broker_url:
+        from .fanout.redis import RedisBroker
+
+        broker = RedisBroker(settings.broker_url, node_id=settings.node_id)
+    else:
+        broker = InMemoryBroker()
+    store = SqlStore(
+        settings.resolved_database_url(),
+        schema=settings.database_schema,
+        node_id=settings.node_id,
+        clock=clock,
+    )
+    identity: IdentityProvider
+    signin: IdentityStack | None = None
+    if settings.institutions_file is not None:
+        signin = build_identity(
+            institutions_file=settings.institutions_file,
+            data_dir=settings.data_dir,
+            database_url=settings.resolved_database_url(),
+            schema=settings.database_schema,
+            store=store,
+            clock=clock,
+        )
+        identity = signin.tokens
+    else:
+        identity = DevIssuer()
+    anchors = AnchorService.embedded(store, settings.data_dir, clock)
     return create_app(
         settings,
-        store=SqlStore(settings.resolved_database_url()),
-        broker=InMemoryBroker(),
-        clock=SystemClock(),
-        identity=DevIssuer(),
+        store=store,
+        broker=broker,
+        clock=clock,
+        identity=identity,
+        signin=signin,
+        anchors=anchors,
     )
 
 
@@ -33,19 +77,28 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .serve import uvicorn_config
 
-    if not args.dev_issuer:
+    if not args.dev_issuer and not args.institutions:
         print(
-            "medrelay serve: no identity provider configured. For a local trial pass "
-            "--dev-issuer (development tokens for any user name; never on a real network).",
+            "medrelay serve: no identity provider configured. Pass --institutions FILE "
+            "(see docs/identity.md), or for a local trial --dev-issuer (development tokens "
+            "for any user name; never on a real network).",
             file=sys.stderr,
         )
+        return 2
+    if args.dev_issuer and args.institutions:
+        print("medrelay serve: choose --dev-issuer or --institutions, not both", file=sys.stderr)
         return 2
     settings = Settings(
         data_dir=Path(args.data_dir),
         database_url=args.database_url,
+        database_schema=args.database_schema,
+        broker_url=args.broker_url,
+        node_id=args.node_id,
         host=args.host,
         port=args.port,
-        dev_issuer=True,
+        dev_issuer=args.dev_issuer,
+        institutions_file=Path(args.institutions) if args.institutions else None,
+        allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
     )
     app = build_app(settings)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
@@ -59,21 +112,56 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.url, Path(args.data_dir)))
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ.get
+    serve = sub.add_parser("serve", help="run a gateway node")
+    serve.add_argument("--data-dir", default=env("MEDRELAY_DATA_DIR", "medrelay-data"))
+    serve.add_argument(
+        "--database-url",
+        default=env("MEDRELAY_DATABASE_URL"),
+        help="SQLAlchemy URL (default: SQLite file in the data directory)",
+    )
+    serve.add_argument(
+        "--database-schema",
+        default=env("MEDRELAY_DATABASE_SCHEMA"),
+        help="PostgreSQL schema for every table (created if missing)",
+    )
+    serve.add_argument(
+        "--broker-url",
+        default=env("MEDRELAY_BROKER_URL"),
+        help="redis://host:port/0 for several nodes (default: in-process broker)",
+    )
+    serve.add_argument("--node-id", default=env("MEDRELAY_NODE_ID", "node-1"))
+    serve.add_argument("--host", default=env("MEDRELAY_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(env("MEDRELAY_PORT", "8700")))
+    serve.add_argument(
+        "--institutions",
+        default=env("MEDRELAY_INSTITUTIONS"),
+        help="institutions file (OIDC issuers); see docs/identity.md",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        default=env("MEDRELAY_ALLOWED_ORIGINS", ""),
+        help="comma-separated Origin values browsers may connect from",
+    )
+    serve.add_argument("--dev-issuer", action="store_true", help="enable the development issuer")
+    serve.set_defaults(func=_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .cli_audit import add_audit_parser
+    from .cli_register import add_register_parser
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(prog="medrelay")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a gateway node")
-    serve.add_argument("--data-dir", default="medrelay-data")
-    serve.add_argument("--database-url", default=None)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8700)
-    serve.add_argument("--dev-issuer", action="store_true", help="enable the development issuer")
-    serve.set_defaults(func=_serve)
+    _add_serve(sub)
     demo = sub.add_parser("demo", help="two doctors and a tablet, on a server of its own")
     demo.add_argument("--url", default=None, help="use a running server instead of starting one")
     demo.add_argument("--data-dir", default="medrelay-data/demo")
     demo.set_defaults(func=_demo)
+    add_audit_parser(sub)
+    add_register_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

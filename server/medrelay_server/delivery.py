@@ -293,7 +293,7 @@ class Delivery:
             conn.cursors[hub.room] = seq
             if role is None or (role == "device" and kind not in RECEIVE_KINDS_FOR_DEVICE_ROLE):
                 return
-            if conn.enqueue(frame) and self._on_delivered is not None:
+            if conn.enqueue(frame, event=(hub.room, seq)) and self._on_delivered is not None:
                 self._on_delivered(1)
             return
         self._spawn(self._catch_up(conn, hub))
@@ -315,7 +315,9 @@ class Delivery:
                     return
                 for ev in events:
                     await conn.wait_for_room()
-                    if room not in conn.cursors or not conn.enqueue(event_frame(ev)):
+                    if room not in conn.cursors or not conn.enqueue(
+                        event_frame(ev), event=(room, ev.seq)
+                    ):
                         return
                     conn.cursors[room] = ev.seq
                     if self._on_delivered is not None:

@@ -30,12 +30,15 @@ class Limits:
 class Settings:
     data_dir: Path = Path("medrelay-data")
     database_url: str | None = None
+    database_schema: str | None = None
     broker_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8700
     dev_issuer: bool = False
     node_id: str = "node-1"
     allowed_origins: tuple[str, ...] = ()
+    institutions_file: Path | None = None
+    recheck_interval: float = 300.0
     limits: Limits = field(default_factory=Limits)
 
     def resolved_database_url(self) -> str:

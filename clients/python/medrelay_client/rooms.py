@@ -342,12 +342,16 @@ class RoomLogic:
         if rk.current == 0 or (self.pending.get(room) and not urgent_now):
             await self.refresh(room)
         rk = self.keys.room(room)
-        if not urgent_now and self.kind != "tablet" and should_rotate(
-            int(time.time()),
-            rk.counter,
-            started_at=rk.started_at or int(time.time()),
-            max_age=self.max_epoch_age,
-            max_messages=self.max_epoch_messages,
+        if (
+            not urgent_now
+            and self.kind != "tablet"
+            and should_rotate(
+                int(time.time()),
+                rk.counter,
+                started_at=rk.started_at or int(time.time()),
+                max_age=self.max_epoch_age,
+                max_messages=self.max_epoch_messages,
+            )
         ):
             await self._change(room, None, {}, rekey=True)  # bound what one epoch key exposes
             rk = self.keys.room(room)

@@ -175,7 +175,7 @@ class RedisBroker:
         self._handlers.clear()
 
     async def ping(self) -> None:
-        if self._pub is None or not self._links:
+        if self._pub is None:
             raise BrokerUnavailable("redis not connected")
         for link in self._links.values():
             if not link.live.is_set():
@@ -408,9 +408,8 @@ class _Link:
         async with self._lock:
             self.conn = conn
             initial = [self._expect(t) for t in sorted(self.topics)]
-            topics = sorted(self.topics)
-            for i in range(0, len(topics), 256):
-                await conn.send_command(self._verbs[0], *topics[i : i + 256])
+            for batch in self._batches(sorted(self.topics)):
+                await conn.send_command(self._verbs[0], *batch)
         self._maybe_live(initial)
         waiting_pong = False
         while True:
@@ -425,6 +424,16 @@ class _Link:
             await self._on_reply(reply)
             if not self.live.is_set():
                 self._maybe_live(initial)
+
+    def _batches(self, topics: list[str]) -> list[list[str]]:
+        """Re-subscribe commands: 256 channels each; sharded ones per hash slot (Redis
+        refuses an ``SSUBSCRIBE`` whose channels span slots)."""
+        if not self.broker.sharded:
+            return [topics[i : i + 256] for i in range(0, len(topics), 256)]
+        by_slot: dict[int, list[str]] = {}
+        for t in topics:
+            by_slot.setdefault(key_slot(t.encode()), []).append(t)
+        return list(by_slot.values())
 
     def _maybe_live(self, initial: list[asyncio.Future[bool]]) -> None:
         if all(f.done() for f in initial):

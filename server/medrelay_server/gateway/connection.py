@@ -41,9 +41,11 @@ class Connection:
     reauth_deadline: int | None = None
     registered: bool = False
     close_code: int | None = None
-    _queue: asyncio.Queue[bytes | None] = field(init=False)
+    _queue: asyncio.Queue[tuple[bytes, tuple[str, int] | None] | None] = field(init=False)
     _writer: asyncio.Task[None] | None = field(default=None, init=False)
     on_sent: Callable[[int], None] | None = None
+    on_written: Callable[[str, int], None] | None = None
+    """Called with (room, seq) once a room event's frame was written to the socket."""
 
     _low: asyncio.Event = field(init=False)
 
@@ -61,14 +63,17 @@ class Connection:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def enqueue(self, data: bytes, *, ephemeral: bool = False) -> bool:
-        """Queue frame bytes without waiting. False if dropped (ephemeral) or closing."""
+    def enqueue(
+        self, data: bytes, *, ephemeral: bool = False, event: tuple[str, int] | None = None
+    ) -> bool:
+        """Queue frame bytes without waiting. False if dropped (ephemeral) or closing.
+        ``event`` = (room, seq) for a room event, reported to ``on_written`` once sent."""
         if self.closed:
             return False
         if ephemeral and self._queue.qsize() * 2 >= self.queue_limit:
             return False
         try:
-            self._queue.put_nowait(data)
+            self._queue.put_nowait((data, event))
         except asyncio.QueueFull:
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: resume from your last seq")
             return False
@@ -92,11 +97,14 @@ class Connection:
     async def _drain(self) -> None:
         try:
             while True:
-                data = await self._queue.get()
-                if data is None:
+                item = await self._queue.get()
+                if item is None:
                     return
+                data, event = item
                 try:
                     await self.send_bytes(data)
+                    if event is not None and self.on_written is not None:
+                        self.on_written(*event)
                 finally:
                     self._queue.task_done()
                     if self._queue.qsize() <= self.queue_limit // 4:

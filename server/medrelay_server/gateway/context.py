@@ -18,6 +18,7 @@ from ..auth.base import IdentityProvider
 from ..clock import Clock
 from ..delivery import Delivery, Registry
 from ..fanout.base import Broker
+from ..journal.delivery import DeliveryJournal
 from ..metrics import Metrics
 from ..ratelimit import TokenBucket
 from ..settings import Settings
@@ -40,6 +41,7 @@ class Gateway:
     metrics: Metrics
     registry: Registry
     delivery: Delivery
+    journal: DeliveryJournal
     handlers: dict[type[Frame], HandlerFn] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
 
@@ -79,7 +81,12 @@ class Gateway:
             raise RequestError(ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait})
 
     async def connect(self, conn: Connection, *, source: str) -> None:
-        conn.on_sent = lambda _n: None
+        journal, clock = self.journal, self.clock
+
+        def written(room: str, seq: int) -> None:
+            journal.record_written(conn.user, conn.device, room, seq, clock.now())
+
+        conn.on_written = written
         conn.start()
         self.registry.add(conn)
         self.metrics.connections.inc()

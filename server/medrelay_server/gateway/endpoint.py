@@ -142,8 +142,8 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
     try:
         principal = gw.identity.verify(token, gw.clock.now())
     except RequestError as exc:
-        await _reject(gw, "", hello, exc.code.name)
-        raise Closing(CloseCode.AUTH_FAILED, exc.code.name.lower(), exc.code) from exc
+        await _reject(gw, "", hello, exc.message)  # the reason, never the token
+        raise Closing(CloseCode.AUTH_FAILED, exc.message[:120], exc.code) from exc
     if device_id_for(hello.device_key) != hello.device:
         await _reject(gw, principal.user, hello, "device id mismatch")
         raise Closing(CloseCode.AUTH_FAILED, "device proof failed", ErrorCode.DEVICE_PROOF_FAILED)

@@ -100,9 +100,9 @@ async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
     await require_member(gw, conn, frame.room)
     before = await gw.store.receipt_of(frame.room, conn.device)
     after = await gw.store.record_receipt(frame.room, conn.device, frame.seq, gw.clock.now())
-    if after > before:
-        await gw.store.journal(
-            [gw.audit(conn, "receipt", room=frame.room, seq_from=before + 1, seq_to=after)]
+    if after > before:  # journaled in batches: one record per contiguous range per device
+        gw.journal.record_acked(
+            conn.user, conn.device, frame.room, after, gw.clock.now(), previous=before
         )
 
 

@@ -212,8 +212,15 @@ async def revoke_in_directory(gw: Gateway, user: str, device: str) -> None:
     if not record.revoked:
         await gw.store.put_device(dataclasses.replace(record, revoked=True))
         await gw.store.journal(
-            [AuditRecord(action="device_revoke", outcome="success", user=user, target=device,
-                         ts=gw.clock.now())]
+            [
+                AuditRecord(
+                    action="device_revoke",
+                    outcome="success",
+                    user=user,
+                    target=device,
+                    ts=gw.clock.now(),
+                )
+            ]
         )
     for conn in gw.registry.of_user(user):
         if conn.device == device:

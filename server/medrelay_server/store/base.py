@@ -25,9 +25,41 @@ class StoreUnavailable(MedrelayError):
     code = ErrorCode.UNAVAILABLE
 
 
+class NodeFenced(StoreUnavailable):
+    """This process no longer holds its node id's lease (another process took the id over,
+    with a higher fencing token): its journal writes, and so its sends, are refused inside
+    the transaction. Retryable for the client (another node will serve it); fatal for the
+    node, which must be restarted under a node id it can lease."""
+
+
+class NodeLeaseHeld(MedrelayError):
+    """``open()`` found the node id leased by another live process (until ``until``)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, node: str, until: int) -> None:
+        super().__init__(f"node id {node!r} is leased by another process until {until}")
+        self.node = node
+        self.until = until
+
+
+class JournalReadOnly(MedrelayError):
+    """A store opened without a node id (the audit CLI) cannot append to the journal."""
+
+    code = ErrorCode.INTERNAL_ERROR
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
-    """One journal record: who did what, where, with what outcome. Never content."""
+    """One journal record: who did what, where, with what outcome. Never content.
+
+    Modelled on FHIR AuditEvent / IHE ATNA (``docs/audit.md`` has the mapping): actor
+    (``user``, ``device``, ``role``, ``institution``), source (the node, which the journal
+    adds, and the client ``address``), entity (``room``, ``seq_from``..``seq_to``, ``mid``,
+    ``target``, ``patient_tag``: an HMAC under an institution key the server never holds).
+    ``ts`` is when it happened; ``ts_end``, when set, closes a period (a batch of
+    deliveries written over a flush interval). Times are Unix seconds.
+    """
 
     action: str
     outcome: str
@@ -41,6 +73,11 @@ class AuditRecord:
     source: str | None = None
     detail: str | None = None
     ts: int = 0
+    ts_end: int | None = None
+    role: str | None = None
+    institution: str | None = None
+    address: str | None = None
+    patient_tag: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -91,6 +91,20 @@ class Database:
                 yield conn
 
     @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction that sees one consistent state across all its statements
+        (PostgreSQL: REPEATABLE READ, read only; SQLite: a WAL read transaction), for
+        readers such as the journal verifier that must not see half of a concurrent write."""
+        with unavailable_on_db_error():
+            async with self.engine.connect() as conn:
+                if not self.is_sqlite:
+                    await conn.execution_options(
+                        isolation_level="REPEATABLE READ", postgresql_readonly=True
+                    )
+                async with conn.begin():
+                    yield conn
+
+    @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         with unavailable_on_db_error():
             if self._write_lock is None:

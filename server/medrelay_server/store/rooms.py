@@ -17,6 +17,7 @@ from medrelay_protocol.codes import ErrorCode
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
+from .audit import ChainWriter, write_audit
 from .base import AuditRecord, Commit, MembershipChange, RoomState, StoredEvent
 from .rows import (
     current_role,
@@ -25,7 +26,6 @@ from .rows import (
     lock_room,
     refuse,
     room_state_of,
-    write_audit,
 )
 
 INITIAL_EPOCH = 1
@@ -34,6 +34,7 @@ INITIAL_DEVICE_LIST_VERSION = 0
 
 async def create_room(
     conn: AsyncConnection,
+    writer: ChainWriter,
     room: str,
     *,
     genesis: bytes,
@@ -67,12 +68,12 @@ async def create_room(
     await insert_wraps(conn, room, 2, sorted(wraps.items()))
     await conn.execute(sa.insert(t.roster).values(room=room, idx=0, entry=genesis))
     await _open_interval(conn, room, owner, policy.OWNER, 1)
-    await write_audit(conn, audit, now=now, room=room, seqs=(1, 2))
+    await write_audit(conn, writer, audit, now=now, room=room, seqs=(1, 2))
     return [roster_event, rekey_event]
 
 
 async def commit(
-    conn: AsyncConnection, c: Commit, *, now: int, audit: Sequence[AuditRecord]
+    conn: AsyncConnection, writer: ChainWriter, c: Commit, *, now: int, audit: Sequence[AuditRecord]
 ) -> list[StoredEvent]:
     _check_shape(c)
     state = await lock_room(conn, c.room)
@@ -105,7 +106,7 @@ async def commit(
     await conn.execute(
         sa.update(t.rooms).where(t.rooms.c.room == c.room).values(**_next(state, c, seq))
     )
-    await write_audit(conn, audit, now=now, room=c.room, seqs=(first, seq))
+    await write_audit(conn, writer, audit, now=now, room=c.room, seqs=(first, seq))
     return out
 
 

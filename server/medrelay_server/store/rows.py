@@ -3,7 +3,6 @@ is already inside the caller's transaction; none commits."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ from medrelay_protocol.errors import RequestError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
-from .base import AuditRecord, RoomState, StoredEvent
+from .base import RoomState, StoredEvent
 
 EVENT_COLUMNS = (
     t.events.c.room,
@@ -100,66 +99,3 @@ async def insert_wraps(
     if wraps:
         rows = [{"room": room, "seq": seq, "device_id": d, "wrap": w} for d, w in wraps]
         await conn.execute(sa.insert(t.wraps), rows)
-
-
-async def write_audit(
-    conn: AsyncConnection,
-    records: Sequence[AuditRecord],
-    *,
-    now: int | None = None,
-    room: str | None = None,
-    seqs: tuple[int, int] | None = None,
-) -> None:
-    """Append journal records. Within a write that assigned seqs, records that name no seq
-    get the assigned range (callers cannot know it in advance), records that name no room
-    get the room, and records with ``ts == 0`` get ``now``."""
-    if not records:
-        return
-    rows = []
-    for rec in records:
-        if room is not None and rec.room is None:
-            rec = dataclasses.replace(rec, room=room)
-        if seqs is not None and rec.seq_from is None and rec.seq_to is None:
-            rec = dataclasses.replace(rec, seq_from=seqs[0], seq_to=seqs[1])
-        if now is not None and rec.ts == 0:
-            rec = dataclasses.replace(rec, ts=now)
-        rows.append(
-            {
-                "ts": rec.ts,
-                "action": rec.action,
-                "outcome": rec.outcome,
-                "user_id": rec.user,
-                "device_id": rec.device,
-                "room": rec.room,
-                "seq_from": rec.seq_from,
-                "seq_to": rec.seq_to,
-                "mid": rec.mid,
-                "target": rec.target,
-                "source": rec.source,
-                "detail": rec.detail,
-            }
-        )
-    await conn.execute(sa.insert(t.audit), rows)
-
-
-async def read_audit(conn: AsyncConnection, room: str | None) -> list[AuditRecord]:
-    query = sa.select(t.audit).order_by(t.audit.c.id)
-    if room is not None:
-        query = query.where(t.audit.c.room == room)
-    return [
-        AuditRecord(
-            action=r.action,
-            outcome=r.outcome,
-            user=r.user_id,
-            device=r.device_id,
-            room=r.room,
-            seq_from=r.seq_from,
-            seq_to=r.seq_to,
-            mid=None if r.mid is None else bytes(r.mid),
-            target=r.target,
-            source=r.source,
-            detail=r.detail,
-            ts=r.ts,
-        )
-        for r in await conn.execute(query)
-    ]

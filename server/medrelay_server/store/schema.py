@@ -34,6 +34,7 @@ rooms = sa.Table(
     sa.Column("pending_rekey", sa.Boolean, nullable=False),
     sa.Column("device_list_version", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("retention_seconds", sa.BigInteger, nullable=True),
 )
 
 events = sa.Table(
@@ -158,4 +159,62 @@ audit = sa.Table(
     sa.Column("target", sa.Text, nullable=True),
     sa.Column("source", sa.Text, nullable=True),
     sa.Column("detail", sa.Text, nullable=True),
+    # the chain (medrelay_server.journal.chain); NULL only on rows written before 0002
+    sa.Column("node", sa.Text, nullable=True),
+    sa.Column("idx", sa.BigInteger, nullable=True),
+    sa.Column("lease", sa.BigInteger, nullable=True),
+    sa.Column("prev_hash", sa.LargeBinary, nullable=True),
+    sa.Column("hash", sa.LargeBinary, nullable=True),
+    sa.Column("ts_end", sa.BigInteger, nullable=True),
+    sa.Column("role", sa.Text, nullable=True),
+    sa.Column("institution", sa.Text, nullable=True),
+    sa.Column("address", sa.Text, nullable=True),
+    sa.Column("patient_tag", sa.LargeBinary, nullable=True),
+    sa.Index("ix_audit_chain", "node", "idx", unique=True),
+    sa.Index("ix_audit_user", "user_id"),
+    sa.Index("ix_audit_ts", "ts"),
+)
+
+# The node registry: one row per node id, with its lease, fencing token and chain head
+# (advanced in the same transaction as the records it covers), and the base a retention
+# cut left (the chain then starts at base_idx + 1, linking to base_hash).
+journal_nodes = sa.Table(
+    "journal_nodes",
+    metadata,
+    sa.Column("node", sa.Text, primary_key=True),
+    sa.Column("token", sa.BigInteger, nullable=False),
+    sa.Column("holder", sa.Text, nullable=True),
+    sa.Column("lease_until", sa.BigInteger, nullable=False),
+    sa.Column("registered_at", sa.BigInteger, nullable=False),
+    sa.Column("head_idx", sa.BigInteger, nullable=False),
+    sa.Column("head_hash", sa.LargeBinary, nullable=False),
+    sa.Column("base_idx", sa.BigInteger, nullable=False),
+    sa.Column("base_hash", sa.LargeBinary, nullable=False),
+)
+
+# Signed anchors: RFC 9162 tree heads over the append-only log of leaves (node heads).
+journal_anchors = sa.Table(
+    "journal_anchors",
+    metadata,
+    sa.Column("anchor_no", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+    sa.Column("tree_size", sa.BigInteger, nullable=False),
+    sa.Column("root", sa.LargeBinary, nullable=False),
+    sa.Column("frontier", sa.LargeBinary, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=True),
+    sa.Column("signature", sa.LargeBinary, nullable=True),
+    sa.Column("published_at", sa.BigInteger, nullable=True),
+)
+
+journal_leaves = sa.Table(
+    "journal_leaves",
+    metadata,
+    sa.Column("pos", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("anchor_no", sa.BigInteger, nullable=False),
+    sa.Column("node", sa.Text, nullable=False),
+    sa.Column("token", sa.BigInteger, nullable=False),
+    sa.Column("registered_at", sa.BigInteger, nullable=False),
+    sa.Column("head_idx", sa.BigInteger, nullable=False),
+    sa.Column("head_hash", sa.LargeBinary, nullable=False),
+    sa.Index("ix_journal_leaves_node", "node", "head_idx"),
 )

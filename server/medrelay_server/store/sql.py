@@ -3,14 +3,16 @@ SQLite (aiosqlite) or PostgreSQL (asyncpg).
 
 Usage::
 
-    store = SqlStore("sqlite+aiosqlite:///var/lib/medrelay/medrelay.db")
-    store = SqlStore("postgresql+asyncpg://medrelay@db/medrelay", schema="medrelay")
-    await store.open()      # runs the Alembic migrations, then serves
+    store = SqlStore("sqlite+aiosqlite:///var/lib/medrelay/medrelay.db", node_id="node-1")
+    store = SqlStore("postgresql+asyncpg://medrelay@db/medrelay", schema="medrelay",
+                     node_id="gw-2")
+    await store.open()      # runs the Alembic migrations, leases the node id, then serves
     ...
-    await store.close()
+    await store.close()     # releases the lease
 
 Each method is one transaction (see :mod:`.engine` for how each dialect locks); the queries
-live in :mod:`.rooms`, :mod:`.messages`, :mod:`.devices` and :mod:`.blobs`.
+live in :mod:`.rooms`, :mod:`.messages`, :mod:`.devices` and :mod:`.blobs`, the journal's
+chain and node lease in :mod:`.audit`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from sqlalchemy import exc as sa_exc
 
+from ..clock import Clock, SystemClock
 from . import blobs, devices, messages, rooms
+from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
 from .base import AppendResult, AuditRecord, Commit, DeviceRecord, RoomState, StoredEvent
 from .engine import Database
-from .rows import current_role, get_room, read_audit, write_audit
+from .group import GroupCommitter
+from .rows import current_role, get_room
 
 
 class SqlStore:
@@ -52,20 +57,68 @@ class SqlStore:
     * ``put_device``: an id owned by another user or with another signing key is
       ``ALREADY_EXISTS``; revocation is permanent and, like a new device, bumps
       ``device_list_version``.
+
+
+    The journal (``docs/audit.md``): ``node_id`` names this process's writer stream; every
+    audit record is chained onto it inside the transaction that writes it, under a lease
+    taken at ``open()`` (``NodeLeaseHeld`` if another live process holds the id) and fenced
+    by its token (``NodeFenced`` once another process took the id over). ``node_id=None``
+    opens a read-only store for the audit CLI (journal writes raise ``JournalReadOnly``).
+    ``journal=False`` writes unchained records: **for the throughput bench only**, never in
+    a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
+    concurrent ``append_message`` calls in shared transactions (:mod:`.group`).
     """
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        node_id: str | None = "node-1",
+        clock: Clock | None = None,
+        lease_seconds: int = DEFAULT_LEASE_SECONDS,
+        journal: bool = True,
+        group_commit: bool = True,
+    ) -> None:
         self._db = Database(url, schema=schema)
+        self.writer = ChainWriter(
+            node_id, clock=clock or SystemClock(), lease_seconds=lease_seconds, enabled=journal
+        )
+        self._group = GroupCommitter(self._db, self.writer) if group_commit else None
 
     def __repr__(self) -> str:
         dialect = "sqlite" if self._db.is_sqlite else "postgresql"
-        return f"SqlStore({dialect}, schema={self._db.schema!r})"
+        return f"SqlStore({dialect}, schema={self._db.schema!r}, node={self.node_id!r})"
+
+    @property
+    def node_id(self) -> str | None:
+        return self.writer.node
+
+    @property
+    def database(self) -> Database:
+        """For the journal package (anchors, verification, retention) and tests."""
+        return self._db
 
     async def open(self) -> None:
         await self._db.migrate()
+        async with self._db.write() as conn:
+            await self.writer.acquire(conn)
 
     async def close(self) -> None:
+        if self._group is not None:
+            await self._group.close()
+        try:
+            async with self._db.write() as conn:
+                await self.writer.release(conn)
+        except Exception:  # noqa: S110 - the lease then simply expires
+            pass
         await self._db.dispose()
+
+    async def renew_lease(self) -> None:
+        """Extend this node's lease (call at a third of ``lease_seconds`` when idle; chained
+        writes extend it too). Raises ``NodeFenced`` once another process holds the id."""
+        async with self._db.write() as conn:
+            await self.writer.renew(conn)
 
     async def ping(self) -> None:
         async with self._db.read() as conn:
@@ -110,6 +163,7 @@ class SqlStore:
             async with self._db.write() as conn:
                 return await rooms.create_room(
                     conn,
+                    self.writer,
                     room,
                     genesis=genesis,
                     head=head,
@@ -147,7 +201,7 @@ class SqlStore:
         self, commit: Commit, *, now: int, audit: Sequence[AuditRecord]
     ) -> list[StoredEvent]:
         async with self._db.write() as conn:
-            return await rooms.commit(conn, commit, now=now, audit=audit)
+            return await rooms.commit(conn, self.writer, commit, now=now, audit=audit)
 
     async def append_message(
         self,
@@ -163,20 +217,22 @@ class SqlStore:
         now: int,
         audit: Sequence[AuditRecord],
     ) -> AppendResult:
+        kw = {
+            "room": room,
+            "user": user,
+            "device": device,
+            "mid": mid,
+            "envelope": envelope,
+            "kind": kind,
+            "epoch": epoch,
+            "allow_pending": allow_pending,
+            "now": now,
+            "audit": audit,
+        }
+        if self._group is not None:
+            return await self._group.append(**kw)
         async with self._db.write() as conn:
-            return await messages.append_message(
-                conn,
-                room,
-                user=user,
-                device=device,
-                mid=mid,
-                envelope=envelope,
-                kind=kind,
-                epoch=epoch,
-                allow_pending=allow_pending,
-                now=now,
-                audit=audit,
-            )
+            return await messages.append_message(conn, self.writer, **kw)  # type: ignore[arg-type]
 
     async def events_after(
         self, room: str, after_seq: int, *, user: str, device: str, limit: int
@@ -253,7 +309,7 @@ class SqlStore:
     # journal ----------------------------------------------------------------------------
     async def journal(self, records: Sequence[AuditRecord]) -> None:
         async with self._db.write() as conn:
-            await write_audit(conn, records)
+            await write_audit(conn, self.writer, records)
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
         async with self._db.read() as conn:

@@ -52,7 +52,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "journal_anchors",
-        sa.Column("anchor_no", sa.BigInteger, primary_key=True),
+        sa.Column("anchor_no", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("ts", sa.BigInteger, nullable=False),
         sa.Column("tree_size", sa.BigInteger, nullable=False),
         sa.Column("root", sa.LargeBinary, nullable=False),
@@ -63,7 +63,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "journal_leaves",
-        sa.Column("pos", sa.BigInteger, primary_key=True),
+        sa.Column("pos", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("anchor_no", sa.BigInteger, nullable=False),
         sa.Column("node", sa.Text, nullable=False),
         sa.Column("token", sa.BigInteger, nullable=False),

@@ -1,0 +1,270 @@
+"""The journal inside the store's transactions: node leases with fencing tokens, and the
+hash chain head advanced in the same transaction as the records it covers.
+
+Every write path of :class:`~medrelay_server.store.sql.SqlStore` (sends, commits, room
+creation, ``journal()``) ends with :func:`write_audit`, which hands the records to this
+process's :class:`ChainWriter`. The writer locks its node's registry row (``FOR UPDATE`` on
+PostgreSQL; SQLite holds the database write lock already), refuses the write with
+:class:`NodeFenced` unless the row still carries this process's fencing token, links the
+records after the head, inserts them and moves the head, all before the caller commits. A
+send whose audit record cannot be chained is therefore never stored, let alone acknowledged.
+
+Lock order: a write locks its room row(s) first and the node row last, and the node row is
+never held while waiting for a room, so the extra lock cannot deadlock.
+
+Leases: ``acquire`` (at ``open()``) takes a free or expired node id with a fencing token one
+higher than the last, refuses one another live process holds (``NodeLeaseHeld``), and
+re-takes its own. Each chained write and each ``renew`` extend the lease; ``release`` (at a
+clean ``close()``) ends it so a restart need not wait. The token is what fences: a lease that
+merely expired, with nobody taking the id over, still lets its holder write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..clock import Clock
+from ..journal.chain import GENESIS, ChainEntry, chain
+from . import schema as t
+from .base import AuditRecord, JournalReadOnly, NodeFenced, NodeLeaseHeld
+
+DEFAULT_LEASE_SECONDS = 60
+_RECORD_COLUMNS = {
+    "user_id": "user",
+    "device_id": "device",
+    "room": "room",
+    "seq_from": "seq_from",
+    "seq_to": "seq_to",
+    "mid": "mid",
+    "target": "target",
+    "source": "source",
+    "detail": "detail",
+    "ts": "ts",
+    "ts_end": "ts_end",
+    "role": "role",
+    "institution": "institution",
+    "address": "address",
+    "patient_tag": "patient_tag",
+    "action": "action",
+    "outcome": "outcome",
+}
+_BYTES = {"mid", "patient_tag"}
+
+
+def audit_values(rec: AuditRecord) -> dict[str, Any]:
+    return {col: getattr(rec, attr) for col, attr in _RECORD_COLUMNS.items()}
+
+
+def record_of(row: Any) -> AuditRecord:
+    m = row._mapping
+    values: dict[str, Any] = {}
+    for col, attr in _RECORD_COLUMNS.items():
+        v = m[col]
+        values[attr] = bytes(v) if attr in _BYTES and v is not None else v
+    return AuditRecord(**values)
+
+
+def entry_of(row: Any) -> ChainEntry:
+    """A chained row as stored (``node``/``idx`` NULL rows have no place: not for those)."""
+    return ChainEntry(
+        record=record_of(row),
+        node=row.node,
+        idx=row.idx,
+        lease=row.lease,
+        prev_hash=bytes(row.prev_hash or b""),
+        hash=bytes(row.hash or b""),
+    )
+
+
+class ChainWriter:
+    """This process's writer stream. ``node`` None makes a read-only store (the audit CLI);
+    ``enabled`` False writes unchained rows (the throughput bench's baseline only)."""
+
+    def __init__(
+        self, node: str | None, *, clock: Clock, lease_seconds: int, enabled: bool = True
+    ) -> None:
+        self.node = node
+        self.holder = secrets.token_hex(8)
+        self.token: int | None = None
+        self.enabled = enabled
+        self._clock = clock
+        self._lease_seconds = lease_seconds
+        self._deferred: dict[int, list[AuditRecord]] = {}
+
+    async def acquire(self, conn: AsyncConnection) -> int:
+        """Lease the node id (inside the caller's write transaction); returns the token."""
+        if self.node is None or not self.enabled:
+            return 0
+        now = self._clock.now()
+        row = await self._lock_row(conn)
+        if row is None:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        sa.insert(t.journal_nodes).values(
+                            node=self.node,
+                            token=1,
+                            holder=self.holder,
+                            lease_until=now + self._lease_seconds,
+                            registered_at=now,
+                            head_idx=0,
+                            head_hash=GENESIS,
+                            base_idx=0,
+                            base_hash=GENESIS,
+                        )
+                    )
+            except sa_exc.IntegrityError:  # another process registered it first
+                raise NodeLeaseHeld(self.node, now + self._lease_seconds) from None
+            self.token = 1
+        else:
+            mine = row.holder == self.holder and row.token == self.token
+            if not mine and row.holder is not None and row.lease_until > now:
+                raise NodeLeaseHeld(self.node, row.lease_until)
+            token = row.token if mine else row.token + 1
+            await self._update(
+                conn, token=token, holder=self.holder, lease_until=now + self._lease_seconds
+            )
+            self.token = token
+        await self._adopt_unchained(conn)
+        return self.token
+
+    async def renew(self, conn: AsyncConnection) -> None:
+        """Extend the lease; ``NodeFenced`` if another process took the node id over."""
+        if self.node is None or not self.enabled:
+            return
+        await self._fenced_row(conn)
+        await self._update(conn, lease_until=self._clock.now() + self._lease_seconds)
+
+    async def release(self, conn: AsyncConnection) -> None:
+        if self.node is None or self.token is None:
+            return
+        n = t.journal_nodes.c
+        await conn.execute(
+            sa.update(t.journal_nodes)
+            .where(n.node == self.node, n.token == self.token, n.holder == self.holder)
+            .values(holder=None, lease_until=0)
+        )
+        self.token = None
+
+    @contextlib.asynccontextmanager
+    async def deferred(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """Collect what ``conn``'s writes append and chain it all at once at the end (one
+        node-row lock, insert and head update per group-commit batch, in order)."""
+        key = id(conn)
+        self._deferred[key] = []
+        try:
+            yield
+            records = self._deferred[key]
+        finally:
+            del self._deferred[key]
+        await self.append(conn, records)
+
+    async def append(self, conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        pending = self._deferred.get(id(conn))
+        if pending is not None:
+            pending.extend(records)
+            return
+        if not self.enabled:
+            await conn.execute(sa.insert(t.audit), [audit_values(r) for r in records])
+            return
+        row = await self._fenced_row(conn)
+        entries = chain(
+            self.node or "", row.token, row.head_idx, bytes(row.head_hash), list(records)
+        )
+        await conn.execute(sa.insert(t.audit), [_chained_values(e) for e in entries])
+        await self._update(
+            conn,
+            head_idx=entries[-1].idx,
+            head_hash=entries[-1].hash,
+            lease_until=max(row.lease_until, self._clock.now() + self._lease_seconds),
+        )
+
+    async def _fenced_row(self, conn: AsyncConnection) -> Any:
+        if self.node is None:
+            raise JournalReadOnly("this store was opened without a node id")
+        row = await self._lock_row(conn)
+        if row is None or self.token is None or row.token != self.token:
+            raise NodeFenced(f"node id {self.node!r} is leased by another process")
+        return row
+
+    async def _lock_row(self, conn: AsyncConnection) -> Any:
+        n = t.journal_nodes.c
+        query = sa.select(t.journal_nodes).where(n.node == self.node).with_for_update()
+        return (await conn.execute(query)).one_or_none()
+
+    async def _update(self, conn: AsyncConnection, **values: Any) -> None:
+        n = t.journal_nodes.c
+        await conn.execute(sa.update(t.journal_nodes).where(n.node == self.node).values(**values))
+
+    async def _adopt_unchained(self, conn: AsyncConnection) -> None:
+        """Chain rows written before migration 0002 (or by the journal-off bench mode) onto
+        this node's chain, oldest first, so that no row stays outside every chain."""
+        a = t.audit.c
+        rows = (await conn.execute(sa.select(t.audit).where(a.node.is_(None)).order_by(a.id))).all()
+        if not rows:
+            return
+        head = await self._fenced_row(conn)
+        records = [record_of(r) for r in rows]
+        entries = chain(self.node or "", head.token, head.head_idx, bytes(head.head_hash), records)
+        for row, entry in zip(rows, entries, strict=True):
+            chained = _chained_values(entry)
+            await conn.execute(
+                sa.update(t.audit)
+                .where(a.id == row.id)
+                .values({k: chained[k] for k in ("node", "idx", "lease", "prev_hash", "hash")})
+            )
+        await self._update(conn, head_idx=entries[-1].idx, head_hash=entries[-1].hash)
+
+
+def _chained_values(entry: ChainEntry) -> dict[str, Any]:
+    values = audit_values(entry.record)
+    values.update(
+        node=entry.node,
+        idx=entry.idx,
+        lease=entry.lease,
+        prev_hash=entry.prev_hash,
+        hash=entry.hash,
+    )
+    return values
+
+
+async def write_audit(
+    conn: AsyncConnection,
+    writer: ChainWriter,
+    records: Sequence[AuditRecord],
+    *,
+    now: int | None = None,
+    room: str | None = None,
+    seqs: tuple[int, int] | None = None,
+) -> None:
+    """Append journal records through ``writer``. Within a write that assigned seqs, records
+    that name no seq get the assigned range (callers cannot know it in advance), records that
+    name no room get the room, and records with ``ts == 0`` get ``now``."""
+    out = []
+    for rec in records:
+        if room is not None and rec.room is None:
+            rec = dataclasses.replace(rec, room=room)
+        if seqs is not None and rec.seq_from is None and rec.seq_to is None:
+            rec = dataclasses.replace(rec, seq_from=seqs[0], seq_to=seqs[1])
+        if now is not None and rec.ts == 0:
+            rec = dataclasses.replace(rec, ts=now)
+        out.append(rec)
+    await writer.append(conn, out)
+
+
+async def read_audit(conn: AsyncConnection, room: str | None) -> list[AuditRecord]:
+    a = t.audit.c
+    query = sa.select(t.audit).order_by(a.id)
+    if room is not None:
+        query = query.where(a.room == room)
+    return [record_of(r) for r in await conn.execute(query)]

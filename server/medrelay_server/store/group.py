@@ -1,0 +1,93 @@
+"""Group commit: the sends a process receives concurrently share one transaction.
+
+Every chained write takes this node's journal row lock and holds it until its commit is on
+disk, so one node's sends commit one after another; batching them makes that one commit
+(one WAL flush, one chain-head update) per batch instead of per send (ARCHITECTURE §6).
+
+The batch's audit records are chained together at its end (one node-row lock, one insert,
+one head update), in the order of the sends. Each send in a batch is still checked on its
+own inside the transaction (room lock, membership, idempotency, epoch): a refusal
+(``RequestError``) is raised by those checks before the send writes anything, so it fails
+alone and the others go on. Nobody is answered before the commit: a failed commit fails
+every send of the batch (the clients retry; sends are idempotent). If a batch fails for any
+other reason, its sends are retried one transaction each, so one send's database error
+never fails its neighbours.
+
+Batches lock their rooms in room order, as every other multi-room writer does, so batches
+on different nodes cannot deadlock; sends to one room keep their arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from medrelay_protocol.errors import RequestError
+
+from . import messages
+from .audit import ChainWriter
+from .base import AppendResult
+from .engine import Database
+
+_Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]"]
+
+
+class GroupCommitter:
+    def __init__(self, db: Database, writer: ChainWriter, *, max_batch: int = 64) -> None:
+        self._db = db
+        self._writer = writer
+        self._max_batch = max_batch
+        self._queue: list[_Item] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def append(self, **kw: Any) -> AppendResult:
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((kw, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def close(self) -> None:
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            batch = [item for item in batch if not item[1].cancelled()]
+            if not batch:
+                continue
+            try:
+                await self._run(sorted(batch, key=lambda item: str(item[0]["room"])))
+            except Exception as exc:
+                if len(batch) == 1:
+                    _fail(batch, exc)
+                    continue
+                for item in batch:
+                    try:
+                        await self._run([item])
+                    except Exception as single:
+                        _fail([item], single)
+
+    async def _run(self, batch: list[_Item]) -> None:
+        outcomes: list[AppendResult | RequestError] = []
+        async with self._db.write() as conn, self._writer.deferred(conn):
+            for kw, _ in batch:
+                try:
+                    outcomes.append(await messages.append_message(conn, self._writer, **kw))
+                except RequestError as refused:
+                    outcomes.append(refused)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, RequestError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+
+def _fail(batch: list[_Item], exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

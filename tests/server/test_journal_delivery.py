@@ -1,0 +1,157 @@
+"""``DeliveryJournal``: contiguous seq ranges per (device, room) coalesce into one record;
+flushes on size, on the (fake) clock's interval and on close; a failed flush loses nothing,
+and an overflow while the store is down is journaled as a gap. No sleeps: flushes are
+driven explicitly or awaited on the journal's ``flushed`` event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from medrelay_server.clock import FakeClock
+from medrelay_server.journal.delivery import DeliveryJournal
+from medrelay_server.store.base import AuditRecord, StoreUnavailable
+
+T = 1_800_000_000
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[list[AuditRecord]] = []
+        self.down = False
+
+    async def journal(self, records: Sequence[AuditRecord]) -> None:
+        if self.down:
+            raise StoreUnavailable("database unavailable")
+        self.batches.append(list(records))
+
+    @property
+    def records(self) -> list[AuditRecord]:
+        return [r for b in self.batches for r in b]
+
+
+def ranges(records: list[AuditRecord]) -> list[tuple[str, str | None, str | None, int, int]]:
+    out = []
+    for r in records:
+        assert r.seq_from is not None and r.seq_to is not None
+        out.append((r.action, r.device, r.room, r.seq_from, r.seq_to))
+    return out
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T)
+
+
+async def test_contiguous_writes_coalesce(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    for seq in (3, 4, 5):
+        dj.record_written("bob", "bob-1", "r", seq, T + seq)
+    dj.record_written("bob", "bob-1", "r", 9, T + 9)  # a gap: a new range
+    dj.record_written("bob", "bob-2", "r", 3, T + 3)  # another device
+    dj.record_written("bob", "bob-1", "s", 1, T + 1)  # another room
+    assert await dj.flush() == 4
+    assert sorted(ranges(sink.records)) == [
+        ("deliver", "bob-1", "r", 3, 5),
+        ("deliver", "bob-1", "r", 9, 9),
+        ("deliver", "bob-1", "s", 1, 1),
+        ("deliver", "bob-2", "r", 3, 3),
+    ]
+    [first] = [r for r in sink.records if r.seq_from == 3 and r.device == "bob-1"]
+    assert (first.user, first.ts, first.ts_end, first.outcome) == ("bob", T + 3, T + 5, "success")
+    assert await dj.flush() == 0
+
+
+async def test_redelivery_is_a_new_range(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    for seq in (1, 2, 3, 2, 3):  # reconnect: 2 and 3 written again
+        dj.record_written("bob", "bob-1", "r", seq, T)
+    await dj.close()
+    assert ranges(sink.records) == [
+        ("deliver", "bob-1", "r", 1, 3),
+        ("deliver", "bob-1", "r", 2, 3),
+    ]
+
+
+async def test_cumulative_acks(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    dj.record_acked("bob", "bob-1", "r", 4, T + 1, previous=2)
+    dj.record_acked("bob", "bob-1", "r", 7, T + 2)
+    dj.record_acked("bob", "bob-1", "r", 6, T + 3)  # never backwards
+    dj.record_acked("carol", "carol-1", "r", 5, T + 4)  # nothing known before
+    await dj.flush()
+    dj.record_acked("bob", "bob-1", "r", 7, T + 5)  # already covered
+    dj.record_acked("bob", "bob-1", "r", 9, T + 6)
+    await dj.flush()
+    assert ranges(sink.records) == [
+        ("receipt", "bob-1", "r", 3, 7),
+        ("receipt", "carol-1", "r", 5, 5),
+        ("receipt", "bob-1", "r", 8, 9),
+    ]
+    assert (sink.records[0].ts, sink.records[0].ts_end) == (T + 1, T + 2)
+
+
+async def test_due_on_size_and_on_interval(clock: FakeClock) -> None:
+    dj = DeliveryJournal(Sink(), clock, max_records=3, interval=2.0)
+    assert not dj.due()
+    dj.record_written("a", "a-1", "r", 1, T)
+    assert not dj.due()
+    clock.advance(1.9)
+    assert not dj.due()
+    clock.advance(0.1)
+    assert dj.due()
+    await dj.flush()
+    for room in ("x", "y"):
+        dj.record_written("a", "a-1", room, 1, T)
+    assert not dj.due()
+    dj.record_written("a", "a-1", "z", 1, T)
+    assert dj.due()
+
+
+async def test_run_flushes_on_size_threshold(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock, max_records=2, interval=3600)
+    task = asyncio.create_task(dj.run())
+    dj.record_written("a", "a-1", "r", 1, T)
+    dj.record_written("a", "a-1", "s", 1, T)
+    await asyncio.wait_for(dj.flushed.wait(), timeout=5)
+    assert len(sink.records) == 2
+    dj.record_written("a", "a-1", "t", 7, T)
+    await dj.close()
+    await asyncio.wait_for(task, timeout=5)
+    assert ranges(sink.records)[-1] == ("deliver", "a-1", "t", 7, 7)
+
+
+async def test_failed_flush_keeps_records(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    dj.record_written("a", "a-1", "r", 1, T)
+    dj.record_written("a", "a-1", "r", 2, T)
+    sink.down = True
+    with pytest.raises(StoreUnavailable):
+        await dj.flush()
+    dj.record_written("a", "a-1", "r", 3, T + 1)  # arrives while the store is down
+    sink.down = False
+    await dj.close()
+    assert ranges(sink.records) == [("deliver", "a-1", "r", 1, 2), ("deliver", "a-1", "r", 3, 3)]
+
+
+async def test_overflow_while_down_is_journaled(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock, max_buffered=3)
+    sink.down = True
+    for room in "abcde":
+        dj.record_written("u", "u-1", room, 1, T)
+        with pytest.raises(StoreUnavailable):
+            await dj.flush()
+    assert dj.pending == 3
+    sink.down = False
+    await dj.flush()
+    gap, *kept = sink.records
+    assert (gap.action, gap.outcome) == ("journal_gap", "failure")
+    assert gap.detail is not None and gap.detail.startswith("2 ")
+    assert [r.room for r in kept] == ["c", "d", "e"]
