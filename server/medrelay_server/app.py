@@ -83,6 +83,9 @@ def create_app(
         ]
         if anchors is not None:
             tasks.append(asyncio.create_task(anchors.run(stop)))
+        listen = getattr(store, "listen", None)
+        if listen is not None:  # PostgreSQL NOTIFY: a wake-up that does not need the broker
+            tasks.append(asyncio.create_task(listen(delivery.notify, stop)))
         if signin is not None:
             rechecker = signin.rechecker(store, commit_via(gateway))
             tasks.append(

@@ -250,6 +250,11 @@ class Delivery:
         async with hub.lock:
             await self._fill_gap(hub, seq)
 
+    def notify(self, room: str, seq: int) -> None:
+        """Synchronous entry for database notifications: schedule :meth:`wake`."""
+        if room in self.hubs:
+            self._spawn(self.wake(room, seq))
+
     async def poll_forever(self, interval: float) -> None:
         """The slow poll of every subscribed room's last seq."""
         while True:

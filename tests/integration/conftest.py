@@ -60,11 +60,20 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 async def _harness(
-    tmp_path: Path, limits: Limits, broker: Broker | None = None
+    tmp_path: Path,
+    limits: Limits,
+    broker: Broker | None = None,
+    *,
+    database_url: str | None = None,
+    schema: str | None = None,
 ) -> AsyncIterator[Harness]:
-    settings = Settings(data_dir=tmp_path, port=0, dev_issuer=True, limits=limits)
+    """A real server on port 0. Default store: a SQLite file in ``tmp_path``; with
+    ``database_url`` (and ``schema``) PostgreSQL."""
+    settings = Settings(
+        data_dir=tmp_path, port=0, dev_issuer=True, limits=limits, database_url=database_url
+    )
     issuer = DevIssuer()
-    store = SqlStore(settings.resolved_database_url())
+    store = SqlStore(settings.resolved_database_url(), schema=schema)
     app = create_app(
         settings,
         store=store,

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .base import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -124,6 +127,47 @@ class Database:
                 if self.schema is not None:
                     await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(_upgrade)
+
+    async def listen(
+        self, channel: str, callback: Callable[[str], None], stop: asyncio.Event
+    ) -> None:
+        """PostgreSQL only: call ``callback(payload)`` for every NOTIFY on ``channel`` until
+        ``stop`` is set, reconnecting after a lost connection. Returns at once on SQLite
+        (one process, nothing to hear)."""
+        if self.is_sqlite:
+            return
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                async with self.engine.connect() as conn:
+                    raw = await conn.get_raw_connection()
+                    pg: Any = raw.driver_connection
+                    lost = asyncio.Event()
+
+                    def on_notify(_c: object, _pid: int, _channel: str, payload: str) -> None:
+                        callback(payload)
+
+                    await pg.add_listener(channel, on_notify)
+                    pg.add_termination_listener(lambda _c: lost.set())
+                    delay = 0.5
+                    waiters = [
+                        asyncio.ensure_future(stop.wait()),
+                        asyncio.ensure_future(lost.wait()),
+                    ]
+                    try:
+                        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waiters:
+                            w.cancel()
+                    if not lost.is_set():
+                        with contextlib.suppress(Exception):
+                            await pg.remove_listener(channel, on_notify)
+            except Exception as exc:  # the database is away: try again with backoff
+                log.warning("LISTEN %s lost (%s); retrying", channel, type(exc).__name__)
+            if not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                delay = min(delay * 2, 10.0)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -78,6 +78,10 @@ async def current_role(conn: AsyncConnection, room: str, user: str) -> str | Non
     return (await conn.execute(query)).scalar_one_or_none()
 
 
+EVENTS_CHANNEL = "medrelay_events"
+"""PostgreSQL NOTIFY channel: payload ``room \x1f seq``, sent when the transaction commits."""
+
+
 async def insert_event(conn: AsyncConnection, event: StoredEvent) -> None:
     await conn.execute(
         sa.insert(t.events).values(
@@ -91,6 +95,9 @@ async def insert_event(conn: AsyncConnection, event: StoredEvent) -> None:
             mid=event.mid,
         )
     )
+    if conn.dialect.name == "postgresql":  # wakes every node even if the broker publish is lost
+        payload = f"{event.room}\x1f{event.seq}"
+        await conn.execute(sa.select(sa.func.pg_notify(EVENTS_CHANNEL, payload)))
 
 
 async def insert_wraps(

@@ -17,7 +17,8 @@ chain and node lease in :mod:`.audit`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 
 import sqlalchemy as sa
 from medrelay_protocol.codes import ErrorCode
@@ -30,7 +31,7 @@ from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
 from .base import AppendResult, AuditRecord, Commit, DeviceRecord, RoomState, StoredEvent
 from .engine import Database
 from .group import GroupCommitter
-from .rows import current_role, get_room
+from .rows import EVENTS_CHANNEL, current_role, get_room
 
 
 class SqlStore:
@@ -103,6 +104,17 @@ class SqlStore:
         await self._db.migrate()
         async with self._db.write() as conn:
             await self.writer.acquire(conn)
+
+    async def listen(self, callback: Callable[[str, int], None], stop: asyncio.Event) -> None:
+        """Call ``callback(room, seq)`` for every event committed by any node (PostgreSQL
+        LISTEN/NOTIFY) until ``stop``; a no-op on SQLite."""
+
+        def parse(payload: str) -> None:
+            room, _, seq = payload.rpartition("\x1f")
+            if room and seq.isdigit():
+                callback(room, int(seq))
+
+        await self._db.listen(EVENTS_CHANNEL, parse, stop)
 
     async def close(self) -> None:
         if self._group is not None:
