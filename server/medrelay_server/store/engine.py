@@ -148,7 +148,7 @@ class Database:
                         callback(payload)
 
                     await pg.add_listener(channel, on_notify)
-                    pg.add_termination_listener(lambda _c: lost.set())
+                    pg.add_termination_listener(lambda _c, event=lost: event.set())
                     delay = 0.5
                     waiters = [
                         asyncio.ensure_future(stop.wait()),
