@@ -43,7 +43,8 @@ class ErrorCode(enum.IntEnum):
     # 1400-1499: server side
     UNAVAILABLE = 1400
     INTERNAL_ERROR = 1401
-    # 1500-1599: raised by client-side verification (never sent by a server)
+    # 1500-1599: verification failures; raised by clients, and 1503/1506 also sent by the
+    # server when it refuses a roster change it verified the same way
     DECRYPTION_FAILED = 1500
     LOW_ORDER_POINT = 1501
     KEY_EXPIRED = 1502

@@ -308,6 +308,9 @@ class Welcome(Frame):
     session: str = bound(min_len=1, max_len=64)
     server_time: int = SEQ()
     limits: dict[str, int] | None = bound(max_len=64, default=None)
+    generation: str | None = bound(min_len=1, max_len=128, default=None)
+    """The store's stream generation: it changes when the database was restored or failed
+    over, i.e. when a room's seqs may have rolled back or been reused."""
 
 
 @server_frame("reauth_required")

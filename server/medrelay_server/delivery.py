@@ -144,6 +144,7 @@ class Delivery:
         self.registry = registry
         self.replay_batch = replay_batch
         self.hubs: dict[str, RoomHub] = {}
+        self.generation: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
 
@@ -256,13 +257,36 @@ class Delivery:
             self._spawn(self.wake(room, seq))
 
     async def poll_forever(self, interval: float) -> None:
-        """The slow poll of every subscribed room's last seq."""
+        """The slow poll of every subscribed room's last seq (and of the stream generation)."""
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.check_generation()
                 await self.resync()
             except Exception:  # the store may be down; the next round tries again
                 log.warning("delivery resync failed; retrying in %.0f s", interval)
+
+    async def check_generation(self) -> bool:
+        """If the store's stream generation changed (restored or failed-over database), this
+        node's view of every room may be ahead of the store: forget it and close every
+        connection so each client reconnects, sees the new generation and resumes from the
+        store's heads. Returns True when that happened."""
+        read = getattr(self.store, "generation", None)
+        if read is None:
+            return False
+        current = await read()
+        if self.generation is None or current == self.generation:
+            self.generation = current
+            return False
+        log.warning("stream generation changed; closing every connection to resynchronise")
+        self.generation = current
+        for room in list(self.hubs):
+            del self.hubs[room]
+            await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
+        for conn in self.registry.all():
+            conn.cursors.clear()
+            conn.abort(CloseCode.UNAVAILABLE, "stream generation changed; reconnect")
+        return True
 
     async def _fill_gap(self, hub: RoomHub, upto: int) -> None:
         while hub.processed < upto:

@@ -114,11 +114,15 @@ class Client:
             self.session = session
             try:
                 await self.logic.ensure_registered()
+                await self._check_generation(session)
                 await self._resume(session)
                 self._connected.set()
                 await self._pump(session)
             except SessionClosed:
                 pass
+            except (MedrelayError, OSError, TimeoutError) as exc:
+                # a refused resume or a broken socket: start over with backoff, never die
+                log.warning("session ended (%s); reconnecting", type(exc).__name__)
             finally:
                 self._connected.clear()
                 await session.close()
@@ -132,6 +136,34 @@ class Client:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.max_backoff, self.base_backoff * 2 ** min(attempt, 10))
         return random.uniform(self.base_backoff / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+    async def _check_generation(self, session: Session) -> None:
+        """A new stream generation means the server's database was restored or failed over:
+        a room whose head is now below what this device already processed was rolled back,
+        and its next seqs will be reused for other events. Say so, and resume from the
+        server's head so the reused seqs are not skipped as duplicates."""
+        generation = session.welcome.generation
+        if generation is None or generation == self.keys.generation:
+            return
+        if self.keys.generation:
+            for room, role in (await self.rooms_now(session)).items():
+                keys = self.keys.rooms.get(room)
+                if keys is not None and keys.last_seq > role:
+                    problem = (
+                        f"the server's history of this room rolled back from seq "
+                        f"{keys.last_seq} to {role} (database restored or failed over); "
+                        "messages after that may be missing or renumbered"
+                    )
+                    await self._inbox.put(Message(room, role, "notice", "", "", None, 0, problem))
+                    keys.last_seq = role
+        self.keys.generation = generation
+        self.keys.save()
+
+    async def rooms_now(self, session: Session) -> dict[str, int]:
+        from medrelay_protocol.frames import ListRooms, Rooms
+
+        reply: Rooms = await session.request(ListRooms(rid=session.next_rid()), Rooms)
+        return {r.room: r.last_seq for r in reply.rooms}
 
     async def _resume(self, session: Session) -> None:
         rooms = {room: keys.last_seq for room, keys in self.keys.rooms.items()}

@@ -68,6 +68,7 @@ class KeyStore:
         device: SigningKey,
         receiving: ReceivingKey,
         rooms: dict[str, RoomKeys] | None = None,
+        generation: str = "",
     ) -> None:
         self.path = path
         self.user = user
@@ -75,6 +76,8 @@ class KeyStore:
         self.device = device
         self.receiving = receiving
         self.rooms: dict[str, RoomKeys] = rooms or {}
+        self.generation = generation
+        """The server's stream generation last seen (see ``Client._check_generation``)."""
 
     def __repr__(self) -> str:
         return f"KeyStore(user={self.user!r}, device={self.device_id!r}, keys=<redacted>)"
@@ -109,6 +112,7 @@ class KeyStore:
             device=SigningKey(bytes.fromhex(data["device"])),
             receiving=ReceivingKey(bytes.fromhex(data["receiving"])),
             rooms={k: RoomKeys.from_json(v) for k, v in data["rooms"].items()},
+            generation=str(data.get("generation", "")),
         )
 
     def room(self, room: str) -> RoomKeys:
@@ -130,6 +134,7 @@ class KeyStore:
             "device": self.device.private_bytes().hex(),
             "receiving": self.receiving.private_bytes().hex(),
             "rooms": {k: v.to_json() for k, v in self.rooms.items()},
+            "generation": self.generation,
         }
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
         try:

@@ -14,6 +14,7 @@ from medrelay_protocol.errors import RequestError
 from medrelay_protocol.frames import Challenge, Error, Frame, Hello, Welcome
 from medrelay_protocol.identity import sign_connect_proof
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from .keystore import KeyStore
 
@@ -82,7 +83,7 @@ class Session:
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await self.ws.send(codec.encode(frame))
+            await self._send(codec.encode(frame))
             reply = await asyncio.wait_for(fut, timeout)
         finally:
             self._pending.pop(rid, None)
@@ -101,7 +102,14 @@ class Session:
         return reply
 
     async def send_only(self, frame: Frame) -> None:
-        await self.ws.send(codec.encode(frame))
+        await self._send(codec.encode(frame))
+
+    async def _send(self, data: bytes) -> None:
+        """Send, turning the socket's own close exceptions into :class:`SessionClosed`."""
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed as exc:
+            raise SessionClosed(self.ws.close_code, self.ws.close_reason or "") from exc
 
     async def _read(self) -> None:
         try:

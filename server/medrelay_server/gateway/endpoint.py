@@ -180,7 +180,9 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         expires_at=principal.expires_at,
     )
     await gw.connect(conn, source=_peer(ws))
+    generation = getattr(gw.store, "generation", None)
     welcome = Welcome(
+        generation=await generation() if generation is not None else None,
         rid=hello.rid,
         user=principal.user,
         device=hello.device,

@@ -218,3 +218,13 @@ journal_leaves = sa.Table(
     sa.Column("head_hash", sa.LargeBinary, nullable=False),
     sa.Index("ix_journal_leaves_node", "node", "head_idx"),
 )
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+"""``generation``: a random id made when the database was created. Clients compare it at
+connect (with PostgreSQL's timeline) to notice a restored or failed-over database whose
+room streams may have rolled back or reused seqs."""

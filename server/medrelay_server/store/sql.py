@@ -27,8 +27,17 @@ from sqlalchemy import exc as sa_exc
 
 from ..clock import Clock, SystemClock
 from . import blobs, devices, messages, rooms
+from . import schema as t
 from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
-from .base import AppendResult, AuditRecord, Commit, DeviceRecord, RoomState, StoredEvent
+from .base import (
+    AppendResult,
+    AuditRecord,
+    Commit,
+    DeviceRecord,
+    RoomState,
+    StoredEvent,
+    StoreUnavailable,
+)
 from .engine import Database
 from .group import GroupCommitter
 from .rows import EVENTS_CHANNEL, current_role, get_room
@@ -104,6 +113,27 @@ class SqlStore:
         await self._db.migrate()
         async with self._db.write() as conn:
             await self.writer.acquire(conn)
+
+    async def generation(self) -> str:
+        """The stream generation: the database's random id, plus PostgreSQL's timeline when
+        this role may read it (a promoted standby has a new timeline). It changes when the
+        database is restored or failed over, which is when seqs may have been reused."""
+        async with self._db.read() as conn:
+            value = (
+                await conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == "generation"))
+            ).scalar_one()
+        if self._db.is_sqlite:
+            return str(value)
+        try:
+            async with self._db.read() as conn:
+                timeline = (
+                    await conn.execute(sa.text("SELECT timeline_id FROM pg_control_checkpoint()"))
+                ).scalar_one()
+        except StoreUnavailable:
+            raise
+        except Exception:  # no privilege to read the control file: the id alone
+            return str(value)
+        return f"{value}.{timeline}"
 
     async def listen(self, callback: Callable[[str, int], None], stop: asyncio.Event) -> None:
         """Call ``callback(room, seq)`` for every event committed by any node (PostgreSQL
