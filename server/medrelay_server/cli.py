@@ -112,6 +112,41 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.url, Path(args.data_dir)))
 
 
+def _new_generation(args: argparse.Namespace) -> int:
+    from .store.sql import SqlStore
+
+    async def run() -> str:
+        settings = Settings(data_dir=Path(args.data_dir), database_url=args.database_url)
+        store = SqlStore(
+            settings.resolved_database_url(), schema=args.database_schema, node_id=None
+        )
+        await store.open()
+        try:
+            return await store.new_generation()
+        finally:
+            await store.close()
+
+    default_db = Path(args.data_dir) / "medrelay.sqlite3"
+    if not args.database_url and not default_db.exists():
+        print(f"medrelay admin: no database at {default_db}", file=sys.stderr)
+        return 2
+    print(f"new stream generation {asyncio.run(run())}; clients will resynchronise")
+    return 0
+
+
+def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ.get
+    admin = sub.add_parser("admin", help="operator actions on the database")
+    actions = admin.add_subparsers(dest="action", required=True)
+    gen = actions.add_parser(
+        "new-generation", help="after restoring a backup: make clients check for rollbacks"
+    )
+    gen.add_argument("--data-dir", default=env("MEDRELAY_DATA_DIR", "medrelay-data"))
+    gen.add_argument("--database-url", default=env("MEDRELAY_DATABASE_URL"))
+    gen.add_argument("--database-schema", default=env("MEDRELAY_DATABASE_SCHEMA"))
+    gen.set_defaults(func=_new_generation)
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env = os.environ.get
     serve = sub.add_parser("serve", help="run a gateway node")
@@ -162,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     add_audit_parser(sub)
     add_register_parser(sub)
+    _add_admin(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

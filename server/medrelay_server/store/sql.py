@@ -18,6 +18,7 @@ chain and node lease in :mod:`.audit`.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 
 import sqlalchemy as sa
@@ -134,6 +135,15 @@ class SqlStore:
         except Exception:  # no privilege to read the control file: the id alone
             return str(value)
         return f"{value}.{timeline}"
+
+    async def new_generation(self) -> str:
+        """Give the database a new stream generation (after restoring a backup)."""
+        value = secrets.token_hex(8)
+        async with self._db.write() as conn:
+            await conn.execute(
+                sa.update(t.meta).where(t.meta.c.key == "generation").values(value=value)
+            )
+        return value
 
     async def listen(self, callback: Callable[[str, int], None], stop: asyncio.Event) -> None:
         """Call ``callback(room, seq)`` for every event committed by any node (PostgreSQL
