@@ -189,6 +189,9 @@ class Send(Frame):
     room: str = ROOM_ID()
     mid: bytes = bound(min_len=16, max_len=16)
     envelope: bytes = bound(min_len=1, max_len=ENVELOPE)
+    patient_tag: bytes | None = bound(min_len=16, max_len=32, default=None)
+    """Optional: an HMAC of the patient id under an institution key the server never holds,
+    journaled so the institution can answer "who accessed patient X"; opaque here."""
 
 
 @client_frame("summon")
@@ -202,6 +205,7 @@ class Summon(Frame):
     mid: bytes = bound(min_len=16, max_len=16)
     envelope: bytes = bound(min_len=1, max_len=ENVELOPE)
     role: str = bound(min_len=1, max_len=64)
+    patient_tag: bytes | None = bound(min_len=16, max_len=32, default=None)
 
 
 @client_frame("grant_history")

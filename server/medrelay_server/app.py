@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,12 +41,14 @@ def create_app(
     identity: IdentityProvider,
     signin: IdentityStack | None = None,
     anchors: AnchorService | None = None,
+    background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
 ) -> Starlette:
     """Build the app. ``identity`` checks bearer tokens; ``signin`` (institutions' OIDC
     sign-in, token refresh, the practitioner register and its re-check job) is optional:
     the embedded default runs the development issuer instead. ``anchors`` periodically
     signs the journal's chain heads and pushes them to the witnesses (and renews this
-    node's journal lease)."""
+    node's journal lease). ``background`` jobs (e.g. the retention purge) run until the
+    event they are given is set at shutdown."""
     metrics = Metrics()
     registry = Registry()
     journal = DeliveryJournal(store, clock)
@@ -83,6 +86,7 @@ def create_app(
         ]
         if anchors is not None:
             tasks.append(asyncio.create_task(anchors.run(stop)))
+        tasks.extend(asyncio.create_task(job(stop)) for job in background)
         listen = getattr(store, "listen", None)
         if listen is not None:  # PostgreSQL NOTIFY: a wake-up that does not need the broker
             tasks.append(asyncio.create_task(listen(delivery.notify, stop)))

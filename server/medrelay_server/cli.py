@@ -28,6 +28,7 @@ def build_app(settings: Settings) -> Starlette:
     from .fanout.base import Broker
     from .fanout.memory import InMemoryBroker
     from .journal.anchoring import AnchorService
+    from .journal.retention import retention_job
     from .signin import IdentityStack, build_identity
     from .store.sql import SqlStore
 
@@ -61,6 +62,9 @@ def build_app(settings: Settings) -> Starlette:
     else:
         identity = DevIssuer()
     anchors = AnchorService.embedded(store, settings.data_dir, clock)
+    jobs = []
+    if settings.purge_interval_hours > 0:
+        jobs.append(retention_job(store, settings, clock))
     return create_app(
         settings,
         store=store,
@@ -69,6 +73,7 @@ def build_app(settings: Settings) -> Starlette:
         identity=identity,
         signin=signin,
         anchors=anchors,
+        background=jobs,
     )
 
 
@@ -99,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         dev_issuer=args.dev_issuer,
         institutions_file=Path(args.institutions) if args.institutions else None,
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
+        purge_interval_hours=args.purge_interval_hours,
     )
     app = build_app(settings)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
@@ -178,6 +184,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--allowed-origins",
         default=env("MEDRELAY_ALLOWED_ORIGINS", ""),
         help="comma-separated Origin values browsers may connect from",
+    )
+    serve.add_argument(
+        "--purge-interval-hours",
+        type=float,
+        default=float(env("MEDRELAY_PURGE_INTERVAL_HOURS", "24")),
+        help="retention purge period on this node; 0 disables (run it on one node only)",
     )
     serve.add_argument("--dev-issuer", action="store_true", help="enable the development issuer")
     serve.set_defaults(func=_serve)

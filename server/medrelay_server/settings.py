@@ -39,6 +39,11 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     institutions_file: Path | None = None
     recheck_interval: float = 300.0
+    envelope_retention_days: float | None = 90.0
+    """Ciphertext, wraps and attachments older than this are deleted (per-room overrides)."""
+    journal_retention_days: float | None = 7 * 365.0
+    purge_interval_hours: float = 24.0
+    """How often this node runs the retention purge; 0 disables it (run it on one node)."""
     limits: Limits = field(default_factory=Limits)
 
     def resolved_database_url(self) -> str:

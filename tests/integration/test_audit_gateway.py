@@ -4,6 +4,7 @@ device never appears for what was said after the removal."""
 
 from __future__ import annotations
 
+import hmac
 import os
 
 from medrelay_client.client import Client, Message
@@ -53,6 +54,13 @@ async def test_who_saw_matches_the_devices_that_received(harness: Harness) -> No
                 and r.seq_from <= m.seq <= r.seq_to
                 for r in records
             ), (user, m.seq)
+    tag = hmac.new(b"institution key, never on the server", b"HKID A123456(7)", "sha256").digest()
+    tagged = await alice.send_body(room, {"type": "text", "text": "K 3.1"}, patient_tag=tag)
+    all_records = await harness.store.audit_records(room=room)
+    send = next(r for r in all_records if r.action == "message" and r.seq_from == tagged)
+    assert send.patient_tag == tag and send.role == "owner"
+    assert send.institution == "dev" and send.address and send.address.startswith("127.0.0.1:")
+    assert b"A123456" not in repr(all_records).encode()
     actions = {r.action for r in await harness.store.audit_records(room=room)}
     assert {"message", "membership_change", "key_rotation", "history_read"} <= actions
     assert {"attachment_upload", "deliver"} <= actions

@@ -120,3 +120,31 @@ async def test_no_cut_without_a_witnessed_anchor(journal_env: JournalEnv) -> Non
     env.clock.advance(400 * DAY)
     report = await purge(env.one, env.clock.now(), RetentionSettings(None, 365 * DAY))
     assert report.journal_records == 0 and env.clock.now() > JOURNAL_NOW
+
+
+async def test_scheduled_purge_job_runs_and_stops(journal_env: JournalEnv) -> None:
+    """The background job built for ``create_app(background=...)`` purges on start, then
+    waits its interval, and returns as soon as the app's stop event is set."""
+    import asyncio
+
+    from medrelay_server.journal.retention import retention_job
+    from medrelay_server.settings import Settings
+
+    env = journal_env
+    await _room(env, "job-room")
+    await _send(env, "job-room", b"j" * 16)
+    env.clock.advance(100 * DAY)
+    settings = Settings(envelope_retention_days=30, journal_retention_days=None)
+    job = retention_job(env.one, settings, env.clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(job(stop))
+    async with asyncio.timeout(10):
+        while True:  # wait for the first purge to be journaled (the job runs it at once)
+            records = await env.one.audit_records(room="job-room")
+            if any(r.action == "retention_delete" for r in records):
+                break
+            await asyncio.sleep(0.01)
+    stop.set()
+    async with asyncio.timeout(5):
+        await task
+    assert await _seqs(env, "job-room") == [1, 2]  # kept: the roster and the newest rekey

@@ -277,7 +277,12 @@ class Client:
         return await self.send_body(room, {"type": "text", "text": text})
 
     async def send_body(
-        self, room: str, body: dict[str, Any], *, urgent_role: str | None = None
+        self,
+        room: str,
+        body: dict[str, Any],
+        *,
+        urgent_role: str | None = None,
+        patient_tag: bytes | None = None,
     ) -> int:
         """Encrypt, sign and send; retried with the identical bytes across reconnects until
         acknowledged. Returns the seq the server assigned."""
@@ -287,7 +292,9 @@ class Client:
         while True:
             await self._connected.wait()
             try:
-                return await self.logic.submit(room, sealed, urgent_role=urgent_role)
+                return await self.logic.submit(
+                    room, sealed, urgent_role=urgent_role, patient_tag=patient_tag
+                )
             except SessionClosed:
                 continue
             except RequestError as exc:

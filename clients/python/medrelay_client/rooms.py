@@ -372,7 +372,16 @@ class RoomLogic:
         )
         return Sealed(mid, env.encode())
 
-    async def submit(self, room: str, sealed: Sealed, *, urgent_role: str | None) -> int:
+    async def submit(
+        self,
+        room: str,
+        sealed: Sealed,
+        *,
+        urgent_role: str | None,
+        patient_tag: bytes | None = None,
+    ) -> int:
+        """Send a sealed envelope. ``patient_tag`` is the institution's HMAC of the patient
+        id (computed by the caller with a key the server never sees), for the audit trail."""
         frame: Send | Summon
         if urgent_role is not None:
             frame = Summon(
@@ -381,9 +390,16 @@ class RoomLogic:
                 mid=sealed.mid,
                 envelope=sealed.envelope,
                 role=urgent_role,
+                patient_tag=patient_tag,
             )
         else:
-            frame = Send(rid=self.rid(), room=room, mid=sealed.mid, envelope=sealed.envelope)
+            frame = Send(
+                rid=self.rid(),
+                room=room,
+                mid=sealed.mid,
+                envelope=sealed.envelope,
+                patient_tag=patient_tag,
+            )
         ack: Ack = await self.request(frame, Ack)
         return ack.seq
 

@@ -34,6 +34,8 @@ class Connection:
     close_fn: CloseFn
     queue_limit: int
     expires_at: int
+    institution: str | None = None
+    address: str | None = None
     id: int = field(default_factory=lambda: next(_ids))
     cursors: dict[str, int] = field(default_factory=dict)
     catching_up: set[str] = field(default_factory=set)

@@ -154,11 +154,14 @@ class Gateway:
             log.exception("could not journal an authentication outcome")
 
     def audit(self, conn: Connection, action: str, **kw: Any) -> AuditRecord:
+        """A success record with the connection's actor and source filled in."""
         return AuditRecord(
             action=action,
             outcome="success",
             user=conn.user,
             device=conn.device,
+            institution=conn.institution,
+            address=conn.address,
             ts=self.clock.now(),
             **kw,
         )

@@ -178,6 +178,8 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         close_fn=lambda code, reason: ws.close(code=code, reason=reason),
         queue_limit=gw.settings.limits.outbound_queue,
         expires_at=principal.expires_at,
+        institution=principal.institution,
+        address=_peer(ws),
     )
     await gw.connect(conn, source=_peer(ws))
     generation = getattr(gw.store, "generation", None)

@@ -68,7 +68,16 @@ async def _store_and_fan_out(
     role = await require_member(gw, conn, frame.room)
     if not may_post(role):
         raise RequestError(ErrorCode.FORBIDDEN, "this role may not post")
-    record = gw.audit(conn, kind, room=frame.room, mid=frame.mid, detail=priority)
+    detail = f"{priority}; summoned {frame.role}" if isinstance(frame, Summon) else priority
+    record = gw.audit(
+        conn,
+        kind,
+        room=frame.room,
+        mid=frame.mid,
+        detail=detail,
+        role=role,
+        patient_tag=frame.patient_tag,
+    )
     result = await gw.store.append_message(
         frame.room,
         user=conn.user,
@@ -124,6 +133,7 @@ async def handle_history(gw: Gateway, conn: Connection, frame: History) -> None:
     role = await require_member(gw, conn, frame.room)
     if not may_read_history(role):
         raise RequestError(ErrorCode.FORBIDDEN, "this role may not read history")
+    conn_role = role
     limit = min(frame.limit, gw.settings.limits.history_page)
     events = await gw.store.events_before(
         frame.room, frame.before, user=conn.user, device=conn.device, limit=limit + 1
@@ -137,6 +147,7 @@ async def handle_history(gw: Gateway, conn: Connection, frame: History) -> None:
                 conn,
                 "history_read",
                 room=frame.room,
+                role=conn_role,
                 seq_from=page[0].seq if page else None,
                 seq_to=page[-1].seq if page else None,
             )

@@ -16,11 +16,18 @@ cut only at an anchored boundary.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..clock import Clock
+from ..settings import Settings
 from ..store import blobs
 from ..store import schema as t
 from ..store.audit import write_audit
@@ -29,6 +36,7 @@ from ..store.rows import lock_room
 from ..store.sql import SqlStore
 from . import rows
 
+log = logging.getLogger(__name__)
 DAY = 86_400
 PURGED_KINDS = ("message", "summon", "rekey")
 
@@ -150,3 +158,30 @@ async def _cut_journal(
     await write_audit(conn, store.writer, [record])
     report.journal_records = cut
     report.cut_at_anchor = anchor_no
+
+
+def retention_job(
+    store: SqlStore, settings: Settings, clock: Clock
+) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """The periodic purge for ``create_app(background=...)``: every
+    ``settings.purge_interval_hours`` until stopped; failures are logged and retried."""
+    days = settings.envelope_retention_days
+    journal_days = settings.journal_retention_days
+    retention = RetentionSettings(
+        envelope_seconds=int(days * DAY) if days is not None else None,
+        journal_seconds=int(journal_days * DAY) if journal_days is not None else None,
+    )
+    interval = settings.purge_interval_hours * 3600
+
+    async def run(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                report = await purge(store, clock.now(), retention)
+                if report.events or report.blobs or report.journal_records:
+                    log.info("retention purge: %s", report)
+            except Exception:
+                log.exception("retention purge failed; retrying next period")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+
+    return run
