@@ -77,7 +77,7 @@ def create_app(
         await store.open()
         on_resync = getattr(broker, "on_resync", False)
         if on_resync is None:  # a broker that can lose messages tells us when to resync
-            broker.on_resync = delivery.resync  # type: ignore[attr-defined]
+            broker.on_resync = delivery.on_broker_reconnect  # type: ignore[attr-defined]
         await broker.start()
         stop = asyncio.Event()
         tasks = [

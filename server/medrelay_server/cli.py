@@ -30,7 +30,7 @@ def build_app(settings: Settings) -> Starlette:
     from .journal.anchoring import AnchorService
     from .journal.retention import retention_job
     from .signin import IdentityStack, build_identity
-    from .store.sql import SqlStore
+    from .store.sql import SqlStore, lease_job
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     clock = SystemClock()
@@ -60,9 +60,15 @@ def build_app(settings: Settings) -> Starlette:
         )
         identity = signin.tokens
     else:
-        identity = DevIssuer()
-    anchors = AnchorService.embedded(store, settings.data_dir, clock)
-    jobs = []
+        identity = DevIssuer.from_file(
+            settings.dev_key_file or settings.data_dir / "dev-issuer.key"
+        )
+    anchors = None
+    if settings.anchor_interval_seconds > 0:
+        anchors = AnchorService.embedded(
+            store, settings.data_dir, clock, interval=settings.anchor_interval_seconds
+        )
+    jobs = [lease_job(store)]
     if settings.purge_interval_hours > 0:
         jobs.append(retention_job(store, settings, clock))
     return create_app(
@@ -105,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         institutions_file=Path(args.institutions) if args.institutions else None,
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
         purge_interval_hours=args.purge_interval_hours,
+        anchor_interval_seconds=args.anchor_interval_seconds,
+        dev_key_file=Path(args.dev_key_file) if args.dev_key_file else None,
     )
     app = build_app(settings)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
@@ -190,6 +198,17 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=float(env("MEDRELAY_PURGE_INTERVAL_HOURS", "24")),
         help="retention purge period on this node; 0 disables (run it on one node only)",
+    )
+    serve.add_argument(
+        "--anchor-interval-seconds",
+        type=float,
+        default=float(env("MEDRELAY_ANCHOR_INTERVAL_SECONDS", "60")),
+        help="journal anchoring period on this node; 0 disables (one signer per deployment)",
+    )
+    serve.add_argument(
+        "--dev-key-file",
+        default=env("MEDRELAY_DEV_KEY_FILE"),
+        help="development issuer key shared by nodes (default: in the data directory)",
     )
     serve.add_argument("--dev-issuer", action="store_true", help="enable the development issuer")
     serve.set_defaults(func=_serve)

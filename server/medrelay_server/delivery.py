@@ -64,11 +64,13 @@ class Effects:
     added: dict[str, str] = field(default_factory=dict)
     removed: tuple[str, ...] = ()
     roles: dict[str, str] = field(default_factory=dict)
+    revoked: tuple[str, ...] = ()
+    """Device ids revoked by this event: cut off here, on every node, like a removal."""
 
 
 def roster_effects(ev: StoredEvent) -> list[object]:
     eff = parse_effects(ev)
-    return [eff.added, list(eff.removed), eff.roles]
+    return [eff.added, list(eff.removed), eff.roles, list(eff.revoked)]
 
 
 def parse_effects(ev: StoredEvent) -> Effects:
@@ -91,6 +93,8 @@ def parse_effects(ev: StoredEvent) -> Effects:
         return Effects(removed=(str(signer.get("user")),))
     if action == "role":
         return Effects(roles={str(params["user"]): str(params["role"])})
+    if action == "revoke_device":
+        return Effects(revoked=(str(params["device"]),))
     return Effects()
 
 
@@ -210,7 +214,8 @@ class Delivery:
         if not isinstance(room, str) or not room:
             return
         for conn in self.registry.of_user(user):
-            if room not in conn.cursors and not conn.closed:
+            # an unregistered device (say, a stolen token with the thief's own key) gets nothing
+            if room not in conn.cursors and not conn.closed and conn.registered:
                 self._spawn(self.subscribe(conn, room, 0))
 
     async def _on_room_message(self, topic: str, payload: bytes) -> None:
@@ -228,7 +233,7 @@ class Delivery:
             if seq > hub.processed + 1:
                 await self._fill_gap(hub, seq - 1)
             if seq == hub.processed + 1:
-                effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]))
+                effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]), tuple(eff[3]))
                 self._process(hub, seq, kind, frame, effects)
 
     async def resync(self) -> None:
@@ -237,11 +242,30 @@ class Delivery:
         broker or a crash between commit and publish never stalls delivery (I8)."""
         for room, hub in list(self.hubs.items()):
             state = await self.store.room_state(room)
-            if state is None or state.last_seq <= hub.processed:
+            if state is not None and state.last_seq > hub.processed:
+                async with hub.lock:
+                    if self.hubs.get(room) is hub:
+                        await self._fill_gap(hub, state.last_seq)
+            for conn in tuple(hub.conns):  # a catch-up that failed earlier starts again
+                cursor = conn.cursors.get(room)
+                if cursor is not None and cursor < hub.processed and room not in conn.catching_up:
+                    self._spawn(self._catch_up(conn, hub))
+
+    async def resync_users(self) -> None:
+        """Join every connected, registered user to rooms they were added to while a user
+        notice was lost (the broker is at most once): after a broker reconnect, and slowly."""
+        for user, conns in list(self.registry.by_user.items()):
+            live = [c for c in conns if c.registered and not c.closed]
+            if not live:
                 continue
-            async with hub.lock:
-                if self.hubs.get(room) is hub:
-                    await self._fill_gap(hub, state.last_seq)
+            rooms = {state.room for state, _role in await self.store.rooms_for_user(user)}
+            for conn in live:
+                for room in rooms - set(conn.cursors):
+                    self._spawn(self.subscribe(conn, room, 0))
+
+    async def on_broker_reconnect(self) -> None:
+        await self.resync()
+        await self.resync_users()
 
     async def wake(self, room: str, seq: int) -> None:
         """A hint from outside the broker (PostgreSQL NOTIFY): ``seq`` of ``room`` committed."""
@@ -258,11 +282,15 @@ class Delivery:
 
     async def poll_forever(self, interval: float) -> None:
         """The slow poll of every subscribed room's last seq (and of the stream generation)."""
+        rounds = 0
         while True:
             await asyncio.sleep(interval)
+            rounds += 1
             try:
                 await self.check_generation()
                 await self.resync()
+                if rounds % 12 == 0:
+                    await self.resync_users()
             except Exception:  # the store may be down; the next round tries again
                 log.warning("delivery resync failed; retrying in %.0f s", interval)
 
@@ -310,6 +338,15 @@ class Delivery:
                 if conn.user == user:
                     hub.conns.discard(conn)
                     conn.cursors.pop(hub.room, None)
+        for device in eff.revoked:
+            for conn in self.registry.all():
+                if conn.device == device:
+                    hub.conns.discard(conn)
+                    conn.cursors.clear()
+                    conn.abort(CloseCode.DEVICE_REVOKED, "this device was revoked")
+        if not hub.conns and self.hubs.get(hub.room) is hub:
+            del self.hubs[hub.room]
+            self._spawn(self.broker.unsubscribe(ROOM_TOPIC + hub.room, self._on_room_message))
 
     def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> None:
         if conn.closed or hub.room in conn.catching_up:
@@ -328,35 +365,45 @@ class Delivery:
         self._spawn(self._catch_up(conn, hub))
 
     async def _catch_up(self, conn: Connection, hub: RoomHub) -> None:
+        """Feed ``conn`` from the store until its cursor reaches the hub. A failed read (the
+        store is away) leaves the cursor where it was; :meth:`resync` starts it again."""
         room = hub.room
         if room in conn.catching_up:
             return
         conn.catching_up.add(room)
         try:
-            while not conn.closed and room in conn.cursors:
-                cursor = conn.cursors[room]
-                target = hub.processed
-                batch = max(1, min(self.replay_batch, conn.queue_limit // 2))
-                events = await self.store.events_after(
-                    room, cursor, user=conn.user, device=conn.device, limit=batch
-                )
-                if room not in conn.cursors:
-                    return
-                for ev in events:
-                    await conn.wait_for_room()
-                    if room not in conn.cursors or not conn.enqueue(
-                        event_frame(ev), event=(room, ev.seq)
-                    ):
-                        return
-                    conn.cursors[room] = ev.seq
-                    if self._on_delivered is not None:
-                        self._on_delivered(1)
-                if not events:
-                    conn.cursors[room] = max(conn.cursors[room], target)
-                    if conn.cursors[room] >= hub.processed:
-                        return
+            await self._catch_up_loop(conn, hub)
+        except Exception as exc:
+            log.warning(
+                "catch-up of a room failed (%s); the next resync retries", type(exc).__name__
+            )
         finally:
             conn.catching_up.discard(room)
+
+    async def _catch_up_loop(self, conn: Connection, hub: RoomHub) -> None:
+        room = hub.room
+        while not conn.closed and room in conn.cursors:
+            cursor = conn.cursors[room]
+            target = hub.processed
+            batch = max(1, min(self.replay_batch, conn.queue_limit // 2))
+            events = await self.store.events_after(
+                room, cursor, user=conn.user, device=conn.device, limit=batch
+            )
+            if room not in conn.cursors:
+                return
+            for ev in events:
+                await conn.wait_for_room()
+                if room not in conn.cursors or not conn.enqueue(
+                    event_frame(ev), event=(room, ev.seq)
+                ):
+                    return
+                conn.cursors[room] = ev.seq
+                if self._on_delivered is not None:
+                    self._on_delivered(1)
+            if not events:
+                conn.cursors[room] = max(conn.cursors[room], target)
+                if conn.cursors[room] >= hub.processed:
+                    return
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -43,6 +43,10 @@ class Settings:
     """Ciphertext, wraps and attachments older than this are deleted (per-room overrides)."""
     journal_retention_days: float | None = 7 * 365.0
     purge_interval_hours: float = 24.0
+    anchor_interval_seconds: float = 60.0
+    """How often this node signs and witnesses the journal heads; 0 disables (in a cluster
+    one anchoring process signs for all nodes, with the key kept off the gateways)."""
+    dev_key_file: Path | None = None
     """How often this node runs the retention purge; 0 disables it (run it on one node)."""
     limits: Limits = field(default_factory=Limits)
 

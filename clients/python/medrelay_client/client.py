@@ -30,6 +30,7 @@ from .transport import Session, SessionClosed
 log = logging.getLogger(__name__)
 
 TokenProvider = Callable[[], Awaitable[str]]
+_NEVER_RECONNECT = frozenset(int(c) for c in CloseCode if c.reconnect is Reconnect.NEVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,8 @@ class Client:
     keys: KeyStore
     token_provider: TokenProvider
     kind: str = "person"
+    fallback_urls: tuple[str, ...] = ()
+    """Other gateway nodes to try, in turn, when ``url`` does not answer."""
     base_backoff: float = 0.2
     max_backoff: float = 10.0
     session: Session | None = None
@@ -100,10 +103,14 @@ class Client:
 
     async def _run(self) -> None:
         attempt = 0
+        tries = 0
         while not self._stopping:
+            urls = (self.url, *self.fallback_urls)  # read each time: callers may repoint it
+            url = urls[tries % len(urls)]
+            tries += 1
             try:
                 token = await self.token_provider()
-                session = await Session.open(self.url, token, self.keys)
+                session = await Session.open(url, token, self.keys)
             except (OSError, SessionClosed, TimeoutError, RequestError) as exc:
                 if isinstance(exc, RequestError) and exc.code == ErrorCode.AUTH_FAILED:
                     raise
@@ -120,17 +127,17 @@ class Client:
                 await self._pump(session)
             except SessionClosed:
                 pass
-            except (MedrelayError, OSError, TimeoutError) as exc:
-                # a refused resume or a broken socket: start over with backoff, never die
+            except Exception as exc:
+                # a refused resume, a broken socket, a frame we cannot read: start over with
+                # backoff; the run loop never dies while the client is open
                 log.warning("session ended (%s); reconnecting", type(exc).__name__)
             finally:
                 self._connected.clear()
                 await session.close()
             closed = session.closed
-            if closed is not None and closed.code is not None and 4000 <= closed.code <= 4999:
-                if CloseCode(closed.code).reconnect is Reconnect.NEVER:
-                    self.fatal = closed
-                    return
+            if closed is not None and closed.code in _NEVER_RECONNECT:
+                self.fatal = closed
+                return
             await asyncio.sleep(self._backoff(1))
 
     def _backoff(self, attempt: int) -> float:
@@ -199,6 +206,10 @@ class Client:
             return  # a replay of something already processed
         try:
             body, problem = await self.logic.process(ev)
+        except RequestError as exc:
+            if exc.code.retryable or exc.code == ErrorCode.UNAVAILABLE:
+                raise  # temporary: end the session; the event is replayed after reconnecting
+            body, problem = None, f"refused: {exc.code.name.lower()}"
         except MedrelayError as exc:
             body, problem = None, f"refused: {exc.code.name.lower()}"
         keys = self.keys.room(ev.room)
@@ -301,6 +312,9 @@ class Client:
                 if exc.code == ErrorCode.RATE_LIMITED:
                     detail = exc.detail if isinstance(exc.detail, dict) else {}
                     await asyncio.sleep((detail.get("retry_after_ms") or 100) / 1000)
+                    continue
+                if exc.code == ErrorCode.UNAVAILABLE:  # the server's store is away: same bytes
+                    await asyncio.sleep(self._backoff(2))
                     continue
                 if exc.code in (ErrorCode.STALE_EPOCH, ErrorCode.REKEY_REQUIRED):
                     await self.logic.refresh(room)

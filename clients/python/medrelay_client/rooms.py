@@ -21,7 +21,14 @@ from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
 from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
 from medrelay_protocol.epoch_state import ReplayGuard, should_rotate
 from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
-from medrelay_protocol.errors import BadSignature, MedrelayError, ReplayDetected, RequestError
+from medrelay_protocol.errors import (
+    BadSignature,
+    MedrelayError,
+    NotAuthorised,
+    ReplayDetected,
+    RequestError,
+    StaleEpoch,
+)
 from medrelay_protocol.frames import (
     Ack,
     BlobChunk,
@@ -45,6 +52,7 @@ from medrelay_protocol.frames import (
 )
 from medrelay_protocol.grants import HistoryGrant, build_grant
 from medrelay_protocol.identity import DeviceBundle, DeviceCertificate
+from medrelay_protocol.policy import may_commit_epoch
 from medrelay_protocol.roster import (
     RosterState,
     certified_devices,
@@ -456,6 +464,15 @@ class RoomLogic:
             return
         key = await self.device_key(ev.room, ev.user, ev.sender)
         manifest = RekeyManifest.verify(ev.payload, key)
+        rk = self.keys.room(ev.room)
+        if manifest.room != ev.room or manifest.committer_device != ev.sender:
+            raise BadSignature("rekey relabelled: manifest names another room or committer")
+        if manifest.epoch_number <= rk.current:
+            raise StaleEpoch(f"rekey for epoch {manifest.epoch_number} is not newer than ours")
+        state = self.rosters.get(ev.room) or (await self.roster(ev.room))[0]
+        committer = state.members.get(ev.user)
+        if committer is None or not may_commit_epoch(committer.role):
+            raise NotAuthorised("rekey by someone who may not commit epochs")
         secret = open_rekey(
             manifest, ev.wrap, device_id=self.keys.device_id, receiving=self.keys.receiving
         )

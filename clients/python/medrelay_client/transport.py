@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Frame)
 
 
+def error_code(number: int) -> ErrorCode:
+    """A code this client does not know (a newer server) is treated as an internal error."""
+    try:
+        return ErrorCode(number)
+    except ValueError:
+        return ErrorCode.INTERNAL_ERROR
+
+
 class SessionClosed(Exception):
     def __init__(self, code: int | None, reason: str) -> None:
         super().__init__(f"closed ({code}): {reason}")
@@ -53,7 +61,8 @@ class Session:
             open_timeout=open_timeout,
         )
         try:
-            challenge = codec.decode(await ws.recv(decode=False), from_client=False)
+            first = await asyncio.wait_for(ws.recv(decode=False), open_timeout)
+            challenge = codec.decode(first, from_client=False)
             if not isinstance(challenge, Challenge):
                 raise SessionClosed(None, "expected a challenge")
             proof = sign_connect_proof(keys.device, challenge.nonce, keys.user)
@@ -61,9 +70,10 @@ class Session:
                 rid="hello", device=keys.device_id, device_key=keys.device.public, proof=proof
             )
             await ws.send(codec.encode(hello))
-            reply = codec.decode(await ws.recv(decode=False), from_client=False)
+            second = await asyncio.wait_for(ws.recv(decode=False), open_timeout)
+            reply = codec.decode(second, from_client=False)
             if isinstance(reply, Error):
-                raise RequestError(ErrorCode(reply.code), reply.message)
+                raise RequestError(error_code(reply.code), reply.message)
             if not isinstance(reply, Welcome):
                 raise SessionClosed(None, "expected welcome")
         except BaseException:
@@ -89,7 +99,7 @@ class Session:
             self._pending.pop(rid, None)
         if isinstance(reply, Error):
             raise RequestError(
-                ErrorCode(reply.code),
+                error_code(reply.code),
                 reply.message,
                 detail={
                     "missing": reply.missing,

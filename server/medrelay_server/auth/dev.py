@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+from pathlib import Path
 
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
@@ -35,6 +36,20 @@ class DevIssuer:
 
     def __repr__(self) -> str:
         return "DevIssuer(key=<redacted>)"
+
+    @classmethod
+    def from_file(cls, path: Path) -> DevIssuer:
+        """The key in ``path`` (created 0600 if missing): tokens then survive restarts and
+        are accepted by every node given the same file."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ValueError(f"{path} does not hold a 32-byte key")
+        return cls(key)
 
     def issue(self, user: str, now: int, *, kind: str = "person", ttl: int | None = None) -> str:
         claims = {"sub": user, "inst": "dev", "kind": kind, "exp": now + (ttl or self.ttl)}

@@ -169,6 +169,11 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
             "too many connections for this device",
             ErrorCode.TOO_MANY_CONNECTIONS,
         )
+    read_generation = getattr(gw.store, "generation", None)
+    try:  # before the connection is registered anywhere: a failure here leaves nothing behind
+        generation = await read_generation() if read_generation is not None else None
+    except StoreUnavailable as exc:
+        raise Closing(CloseCode.UNAVAILABLE, "try again shortly", ErrorCode.UNAVAILABLE) from exc
     conn = Connection(
         user=principal.user,
         device=hello.device,
@@ -180,11 +185,11 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         expires_at=principal.expires_at,
         institution=principal.institution,
         address=_peer(ws),
+        registered=known is not None,
     )
     await gw.connect(conn, source=_peer(ws))
-    generation = getattr(gw.store, "generation", None)
     welcome = Welcome(
-        generation=await generation() if generation is not None else None,
+        generation=generation,
         rid=hello.rid,
         user=principal.user,
         device=hello.device,

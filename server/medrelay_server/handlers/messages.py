@@ -107,8 +107,12 @@ async def handle_summon(gw: Gateway, conn: Connection, frame: Summon) -> None:
 
 async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
     await require_member(gw, conn, frame.room)
+    # a device can only acknowledge what this connection delivered to it
+    seq = min(frame.seq, conn.cursors.get(frame.room, 0))
     before = await gw.store.receipt_of(frame.room, conn.device)
-    after = await gw.store.record_receipt(frame.room, conn.device, frame.seq, gw.clock.now())
+    if seq <= before:
+        return
+    after = await gw.store.record_receipt(frame.room, conn.device, seq, gw.clock.now())
     if after > before:  # journaled in batches: one record per contiguous range per device
         gw.journal.record_acked(
             conn.user, conn.device, frame.room, after, gw.clock.now(), previous=before

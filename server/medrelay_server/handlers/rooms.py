@@ -9,10 +9,9 @@ rekey that does not wrap for exactly the certified devices of the members after 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
-from medrelay_protocol.codes import CloseCode, ErrorCode
+from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.epochs import RekeyManifest, check_recipients
 from medrelay_protocol.errors import MedrelayError, RequestError
 from medrelay_protocol.frames import Commit as CommitFrame
@@ -196,35 +195,19 @@ async def handle_commit(gw: Gateway, conn: Connection, frame: CommitFrame) -> No
         audit.append(
             gw.audit(conn, "key_rotation", room=frame.room, detail=f"epoch {commit.new_epoch}")
         )
+    if commit.revoke_device is not None:
+        audit.append(
+            gw.audit(conn, "device_revoke", room=frame.room, target=commit.revoke_device[1])
+        )
     events = await gw.store.commit(commit, now=gw.clock.now(), audit=audit)
     gw.reply(conn, Committed(rid=frame.rid, room=frame.room, seq=events[-1].seq))
     await gw.delivery.publish(events)
-    if entry is not None and entry.action == "revoke_device":
-        await revoke_in_directory(gw, str(entry.params["user"]), str(entry.params["device"]))
 
 
-async def revoke_in_directory(gw: Gateway, user: str, device: str) -> None:
-    """A device revoked in a verified roster entry is revoked everywhere: marked in the
-    directory (so it can neither connect nor be a rekey recipient again) and disconnected."""
-    record = await gw.store.get_device(device)
-    if record is None or record.user != user:
-        return
-    if not record.revoked:
-        await gw.store.put_device(dataclasses.replace(record, revoked=True))
-        await gw.store.journal(
-            [
-                AuditRecord(
-                    action="device_revoke",
-                    outcome="success",
-                    user=user,
-                    target=device,
-                    ts=gw.clock.now(),
-                )
-            ]
-        )
-    for conn in gw.registry.of_user(user):
-        if conn.device == device:
-            conn.abort(CloseCode.DEVICE_REVOKED, "this device was revoked")
+def _revoked(entry: RosterEntry | None) -> tuple[str, str] | None:
+    if entry is None or entry.action != "revoke_device":
+        return None
+    return str(entry.params["user"]), str(entry.params["device"])
 
 
 def _target(entry: RosterEntry) -> str | None:
@@ -281,6 +264,7 @@ async def _plan(
         new_epoch=new_epoch,
         pending_rekey=pending,
         device_list_version=state.device_list_version if frame.manifest is not None else None,
+        revoke_device=_revoked(entry),
     )
 
 
@@ -309,13 +293,14 @@ async def commit_external(gw: Gateway, room: str, change: bytes, *, institution:
         membership=_membership(entry),
         pending_rekey=True,
         external=True,
+        revoke_device=_revoked(entry),
     )
     record = AuditRecord(
-        action="membership_change",
+        action="device_revoke" if entry.action == "revoke_device" else "membership_change",
         outcome="success",
         user=f"institution:{institution}",
         room=room,
-        target=_target(entry),
+        target=str(entry.params.get("device", _target(entry))),
         detail=f"external {entry.action}",
         ts=gw.clock.now(),
     )

@@ -97,6 +97,7 @@ class ChainWriter:
         self.enabled = enabled
         self._clock = clock
         self._lease_seconds = lease_seconds
+        self.lease_seconds = lease_seconds
         self._deferred: dict[int, list[AuditRecord]] = {}
 
     async def acquire(self, conn: AsyncConnection) -> int:

@@ -156,6 +156,9 @@ class Commit:
     new_epoch: int | None = None
     pending_rekey: bool = False
     device_list_version: int | None = None
+    revoke_device: tuple[str, str] | None = None
+    """(user, device) a verified ``revoke_device`` entry revokes: marked revoked in the device
+    directory in the same transaction, so a crash cannot leave it usable."""
     external: bool = False
     """Signed by the institution's external sender key (removals only, never with a rekey):
     the sender is not a room member, so the membership re-check does not apply."""

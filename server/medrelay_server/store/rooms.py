@@ -103,6 +103,14 @@ async def commit(
         await insert_wraps(conn, c.room, seq, sorted(c.wraps.items()))
     if c.membership is not None:
         await _apply_membership(conn, c.room, c.membership, first, now)
+    if c.revoke_device is not None:
+        user, device = c.revoke_device
+        d = t.devices.c
+        await conn.execute(
+            sa.update(t.devices)
+            .where(d.device_id == device, d.user_id == user)
+            .values(revoked=True)
+        )
     await conn.execute(
         sa.update(t.rooms).where(t.rooms.c.room == c.room).values(**_next(state, c, seq))
     )

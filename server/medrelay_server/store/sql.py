@@ -18,8 +18,11 @@ chain and node lease in :mod:`.audit`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from medrelay_protocol.codes import ErrorCode
@@ -42,6 +45,8 @@ from .base import (
 from .engine import Database
 from .group import GroupCommitter
 from .rows import EVENTS_CHANNEL, current_role, get_room
+
+log = logging.getLogger(__name__)
 
 
 class SqlStore:
@@ -366,3 +371,20 @@ class SqlStore:
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
         async with self._db.read() as conn:
             return await read_audit(conn, room)
+
+
+def lease_job(store: SqlStore) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """Renew the node's journal lease at a third of its length until stopped (nodes that do
+    not anchor still must keep their lease)."""
+
+    async def run(stop: asyncio.Event) -> None:
+        interval = max(1.0, store.writer.lease_seconds / 3)
+        while not stop.is_set():
+            try:
+                await store.renew_lease()
+            except Exception:
+                log.exception("could not renew the journal lease")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+
+    return run
