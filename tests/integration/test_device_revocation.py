@@ -13,7 +13,7 @@ from medrelay_protocol.errors import DecryptionFailed
 from medrelay_protocol.frames import Challenge
 
 from .conftest import Harness
-from .rawclient import close_code_after, connect_ws, hello_for, recv_frame
+from .rawclient import close_code_after, collect_until, connect_ws, hello_for, recv_frame
 
 
 async def _second_device(h: Harness, first: Client) -> Client:
@@ -65,3 +65,21 @@ async def test_revoked_device_is_cut_off_everywhere(harness: Harness) -> None:
     assert code == CloseCode.DEVICE_REVOKED
     audit = await harness.store.audit_records()
     assert any(r.action == "device_revoke" and r.target == phone.keys.device_id for r in audit)
+
+
+async def test_a_device_certified_later_gets_the_next_epoch(harness: Harness) -> None:
+    """Bob adds a second phone after the room exists: the room goes pending, the next
+    member to send rotates the epoch to exactly the certified devices, phone included."""
+    alice, bob = await harness.client("alice"), await harness.client("bob")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await bob.wait_for_key(room)
+    before = (await harness.store.room_state(room)).epoch  # type: ignore[union-attr]
+    phone = await _second_device(harness, bob)
+    state = await harness.store.room_state(room)
+    assert state is not None and state.pending_rekey
+    seq = await alice.send_text(room, "for both of bob's devices")
+    state = await harness.store.room_state(room)
+    assert state is not None and not state.pending_rekey and state.epoch == before + 1
+    got = await collect_until(phone, "for both of bob's devices")
+    assert got[-1].seq == seq and got[-1].problem is None

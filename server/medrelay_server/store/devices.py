@@ -77,7 +77,11 @@ async def put_device(conn: AsyncConnection, device: DeviceRecord) -> None:
 
 
 async def _bump_device_list_versions(conn: AsyncConnection, user: str) -> None:
-    """Lock the user's rooms in a fixed order (no deadlock with another bump), then bump."""
+    """Lock the user's rooms in a fixed order (no deadlock with another bump), then bump.
+
+    The rooms also become *pending*: the current epoch was not wrapped to a newly certified
+    device (nor may a revoked one keep it), so the next member device that sends first
+    commits a new epoch for exactly the certified devices (ARCHITECTURE 5.3-5.4)."""
     r, m = t.rooms.c, t.memberships.c
     current = sa.select(m.room).where(m.user_id == user, m.to_seq.is_(None))
     query = sa.select(r.room).where(r.room.in_(current)).order_by(r.room).with_for_update()
@@ -86,7 +90,7 @@ async def _bump_device_list_versions(conn: AsyncConnection, user: str) -> None:
         await conn.execute(
             sa.update(t.rooms)
             .where(r.room.in_(rooms))
-            .values(device_list_version=r.device_list_version + 1)
+            .values(device_list_version=r.device_list_version + 1, pending_rekey=True)
         )
 
 
