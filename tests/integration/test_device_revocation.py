@@ -83,3 +83,22 @@ async def test_a_device_certified_later_gets_the_next_epoch(harness: Harness) ->
     assert state is not None and not state.pending_rekey and state.epoch == before + 1
     got = await collect_until(phone, "for both of bob's devices")
     assert got[-1].seq == seq and got[-1].problem is None
+
+
+async def test_rotated_receiving_key_is_used_and_old_wraps_still_open(harness: Harness) -> None:
+    alice, bob = await harness.client("alice"), await harness.client("bob")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await bob.wait_for_key(room)
+    old = bob.keys.receiving.public
+    bob.keys.receiving_since -= 8 * 86400  # a week has passed
+    await bob.close()
+    bob2 = await harness.client("bob")  # connects: rotates and publishes a new bundle
+    assert bob2.keys.receiving.public != old
+    assert old in [k.public for k in bob2.keys.receiving_keys()]
+    alice.logic.max_epoch_messages = 1  # rotate the room epoch after each message
+    await alice.send_text(room, "first")
+    await alice.send_text(room, "second, under an epoch wrapped to the new key")
+    got = await collect_until(bob2, "second, under an epoch wrapped to the new key")
+    texts = [m.body["text"] for m in got if m.kind == "message" and m.problem is None]
+    assert texts[-2:] == ["first", "second, under an epoch wrapped to the new key"]

@@ -69,6 +69,8 @@ class KeyStore:
         receiving: ReceivingKey,
         rooms: dict[str, RoomKeys] | None = None,
         generation: str = "",
+        receiving_since: int = 0,
+        retired: list[tuple[ReceivingKey, int]] | None = None,
     ) -> None:
         self.path = path
         self.user = user
@@ -77,6 +79,11 @@ class KeyStore:
         self.receiving = receiving
         self.rooms: dict[str, RoomKeys] = rooms or {}
         self.generation = generation
+        self.receiving_since = receiving_since
+        """When the current receiving key was made (Unix seconds); 0 = unknown (rotate)."""
+        self.retired: list[tuple[ReceivingKey, int]] = retired or []
+        """Earlier receiving keys with the time they are deleted: wraps made to them before
+        the rotation still open until then, and never after (a stolen device later cannot)."""
         """The server's stream generation last seen (see ``Client._check_generation``)."""
 
     def __repr__(self) -> str:
@@ -113,7 +120,30 @@ class KeyStore:
             receiving=ReceivingKey(bytes.fromhex(data["receiving"])),
             rooms={k: RoomKeys.from_json(v) for k, v in data["rooms"].items()},
             generation=str(data.get("generation", "")),
+            receiving_since=int(data.get("receiving_since", 0)),
+            retired=[
+                (ReceivingKey(bytes.fromhex(k)), int(until)) for k, until in data.get("retired", [])
+            ],
         )
+
+    def rotate_receiving(self, now: int, *, every: int, grace: int) -> bool:
+        """Make a new receiving key once the current one is ``every`` seconds old, keeping
+        the old private key for ``grace`` seconds; delete keys past their grace. Returns
+        whether a new key was made (the caller then publishes a new bundle)."""
+        self.retired = [(k, until) for k, until in self.retired if until > now]
+        if self.receiving_since and now - self.receiving_since < every:
+            self.save()
+            return False
+        if self.receiving_since:
+            self.retired.append((self.receiving, now + grace))
+        self.receiving = ReceivingKey.generate()
+        self.receiving_since = now
+        self.save()
+        return True
+
+    def receiving_keys(self) -> list[ReceivingKey]:
+        """The current receiving key first, then the retired ones still in their grace."""
+        return [self.receiving, *(k for k, _until in self.retired)]
 
     def room(self, room: str) -> RoomKeys:
         return self.rooms.setdefault(room, RoomKeys())
@@ -135,6 +165,8 @@ class KeyStore:
             "receiving": self.receiving.private_bytes().hex(),
             "rooms": {k: v.to_json() for k, v in self.rooms.items()},
             "generation": self.generation,
+            "receiving_since": self.receiving_since,
+            "retired": [[k.private_bytes().hex(), until] for k, until in self.retired],
         }
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
         try:

@@ -14,15 +14,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from medrelay_protocol.codes import ErrorCode
-from medrelay_protocol.crypto import decrypt_attachment, encrypt_attachment
+from medrelay_protocol.crypto import ReceivingKey, decrypt_attachment, encrypt_attachment
 from medrelay_protocol.envelope import Envelope, MessageHeader, open_message, seal_message
 from medrelay_protocol.epoch_state import ReplayGuard, should_rotate
 from medrelay_protocol.epochs import EpochId, RekeyManifest, build_rekey, open_rekey
 from medrelay_protocol.errors import (
     BadSignature,
+    DecryptionFailed,
     MedrelayError,
     NotAuthorised,
     ReplayDetected,
@@ -66,7 +67,13 @@ from medrelay_protocol.roster_entry import decode_entry
 from .keystore import KeyStore
 
 Request = Callable[..., Awaitable[Any]]
-BUNDLE_LIFETIME = 7 * 86400
+T = TypeVar("T")
+RECEIVING_KEY_ROTATION = 7 * 86400
+"""A device makes a new X25519 receiving key weekly (at its next connect after that)."""
+RECEIVING_KEY_GRACE = 14 * 86400
+"""... and deletes the old private key this long after, so a device stolen later cannot
+open wraps made to it."""
+BUNDLE_LIFETIME = RECEIVING_KEY_ROTATION + 86400
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -104,7 +111,10 @@ class RoomLogic:
         now = int(time.time())
         k = self.keys
         self.cert = DeviceCertificate.issue(k.identity, k.user, k.device.public, self.kind, now)
-        bundle = DeviceBundle.issue(k.device, k.receiving.public, now + BUNDLE_LIFETIME)
+        k.rotate_receiving(now, every=RECEIVING_KEY_ROTATION, grace=RECEIVING_KEY_GRACE)
+        bundle = DeviceBundle.issue(
+            k.device, k.receiving.public, k.receiving_since + BUNDLE_LIFETIME
+        )
         await self.request(
             RegisterDevice(
                 rid=self.rid(),
@@ -427,7 +437,9 @@ class RoomLogic:
             return None, None
         key = await self.device_key(ev.room, ev.user, ev.sender)
         grant = HistoryGrant.verify(ev.payload, key)
-        secrets = grant.open(device_id=self.keys.device_id, receiving=self.keys.receiving)
+        secrets = self._with_receiving_keys(
+            lambda key: grant.open(device_id=self.keys.device_id, receiving=key)
+        )
         rk = self.keys.room(ev.room)
         for e in grant.epochs:
             if e.number in secrets and e.number not in rk.epochs:
@@ -460,7 +472,8 @@ class RoomLogic:
         return notice, None
 
     async def _on_rekey(self, ev: Deliver) -> None:
-        if ev.wrap is None:
+        wrap = ev.wrap
+        if wrap is None:
             return
         key = await self.device_key(ev.room, ev.user, ev.sender)
         manifest = RekeyManifest.verify(ev.payload, key)
@@ -473,10 +486,21 @@ class RoomLogic:
         committer = state.members.get(ev.user)
         if committer is None or not may_commit_epoch(committer.role):
             raise NotAuthorised("rekey by someone who may not commit epochs")
-        secret = open_rekey(
-            manifest, ev.wrap, device_id=self.keys.device_id, receiving=self.keys.receiving
+        secret = self._with_receiving_keys(
+            lambda key: open_rekey(manifest, wrap, device_id=self.keys.device_id, receiving=key)
         )
         self._keep_epoch(ev.room, manifest.epoch_number, manifest.roster_head, secret, start=ev.seq)
+
+    def _with_receiving_keys(self, open_with: Callable[[ReceivingKey], T]) -> T:
+        """Try the current receiving key, then the retired ones still in their grace; the
+        last failure is raised (one opaque DecryptionFailed if none opens)."""
+        keys = self.keys.receiving_keys()
+        for key in keys[:-1]:
+            try:
+                return open_with(key)
+            except DecryptionFailed:
+                continue
+        return open_with(keys[-1])
 
     async def device_key(self, room: str, user: str, device: str) -> bytes:
         cached = self._device_keys.get((user, device))
