@@ -1,0 +1,125 @@
+"""Joining a window's records from every worker: deliveries, rates and latencies."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loadgen import KEY_SHIFT
+
+MIN_PER_THIRD = 15  # messages: fewer and the growth test is noise
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+@dataclass
+class Window:
+    offered: float = 0.0  # deliveries/s asked for
+    sent: int = 0
+    acked: int = 0
+    expected: int = 0
+    delivered: int = 0
+    seconds: float = 0.0  # the window's planned length
+    late: float = 0.0  # worst lateness of a send against its schedule
+    cpu: float = 0.0  # server CPU seconds over the window (with its drain)
+    closed: int = 0
+    skipped: int = 0  # gated sends not made: the previous one was not yet acknowledged
+    receipts: int = 0  # cumulative receipts the devices sent during the window
+    commits: int = 0  # database transactions committed meanwhile (PostgreSQL only)
+    errors: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # seconds, sorted
+    first_third_p50: float = math.nan  # median latency of the sends in the first third
+    last_third_p50: float = math.nan  # ... and in the last third: growth means a backlog
+
+    @property
+    def rate(self) -> float:
+        """Deliveries per second over the window (its planned length)."""
+        return self.delivered / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def growing(self) -> bool:
+        """Latency grew across the window: the server fell behind the offered load."""
+        a, b = self.first_third_p50, self.last_third_p50
+        if math.isnan(a) or math.isnan(b):
+            return False
+        return b > max(3 * a, a + 0.050)
+
+    @property
+    def complete(self) -> bool:
+        return self.expected > 0 and self.delivered >= self.expected and self.acked >= self.sent
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q)
+
+    def per_cpu(self) -> float:
+        return self.delivered / self.cpu if self.cpu > 0 else math.nan
+
+    def describe(self) -> str:
+        return (
+            f"offered {self.offered:8.0f}/s delivered {self.delivered}/{self.expected} "
+            f"({self.rate:8.0f}/s) acked {self.acked}/{self.sent} "
+            f"p50 {self.p(0.5) * 1e3:7.2f} p99 {self.p(0.99) * 1e3:7.2f} "
+            f"p99.9 {self.p(0.999) * 1e3:7.2f} ms late {self.late * 1e3:5.0f} ms "
+            f"cpu {self.cpu:5.2f}s errors {dict(self.errors)} closed {self.closed}"
+        )
+
+
+def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> Window:
+    """``receivers``: room index -> devices that should get each message of that room."""
+    w = Window()
+    send_at: dict[int, float] = {}
+    first, last = math.inf, 0.0
+    for r in results:
+        keys = array("q")
+        keys.frombytes(r["send_k"])
+        times = array("d")
+        times.frombytes(r["send_t"])
+        send_at.update(zip(keys, times, strict=True))
+        w.sent += r["sent"]
+        w.acked += r["acked"]
+        w.errors.update({int(k): v for k, v in r["errors"].items()})
+        w.late = max(w.late, r["late"])
+        w.closed += r["closed"]
+        w.receipts += r.get("receipts", 0)
+        if r["first"]:
+            first = min(first, r["first"])
+        last = max(last, r["last"])
+    w.seconds = last - first if last > first else 0.0
+    w.expected = sum(receivers.get(k >> KEY_SHIFT, 0) for k in send_at)
+    lat: list[float] = []
+    thirds: list[list[float]] = [[], [], []]
+    span = (last - first) / 3 if last > first else 0.0
+    sends_per_third = [0, 0, 0]
+    if span:
+        for s in send_at.values():
+            sends_per_third[min(2, int((s - first) / span))] += 1
+    for r in results:
+        keys = array("q")
+        keys.frombytes(r["arr_k"])
+        times = array("d")
+        times.frombytes(r["arr_t"])
+        get = send_at.get
+        for k, t in zip(keys, times, strict=True):
+            sent = get(k)
+            if sent is not None:
+                lat.append(t - sent)
+                if span:
+                    thirds[min(2, int((sent - first) / span))].append(t - sent)
+    lat.sort()
+    w.latencies = lat
+    w.delivered = len(lat)
+    for part in thirds:
+        part.sort()
+    if min(sends_per_third) >= MIN_PER_THIRD:
+        w.first_third_p50 = percentile(thirds[0], 0.5)
+        w.last_third_p50 = percentile(thirds[2], 0.5)
+    return w
