@@ -12,6 +12,7 @@ from medrelay_protocol.envelope import Envelope, open_message
 from medrelay_protocol.errors import DecryptionFailed
 
 from .conftest import Harness
+from .rawclient import collect_until
 
 
 async def _room_of_four(h: Harness) -> tuple[Client, Client, Client, Client, str]:
@@ -84,7 +85,7 @@ async def test_removal_during_traffic_cuts_off_exactly_at_L(harness: Harness) ->
     assert dave_seen[-1].seq == removal_seq
     assert dave_seen[-1].body == {"type": "notice", "action": "remove", "user": "dave"}
     assert dave._inbox.empty() and max(m.seq for m in dave_seen) == removal_seq
-    assert dave.keys.room(room).epochs == {}  # the client wiped the room's keys
+    assert room not in dave.keys.rooms  # the client wiped the room's keys and forgot it
     # everyone else decrypts every message after the removal
     later = [s for s in acks.seqs if s > removal_seq]
     assert later
@@ -173,3 +174,20 @@ async def test_epochs_rotate_on_message_count(harness: Harness) -> None:
         got.append(await bob.next_message(10))
     texts = [m.body["text"] for m in got if m.kind == "message" and m.problem is None]
     assert texts == sent
+
+
+async def test_member_removed_while_offline_resumes_without_the_room(harness: Harness) -> None:
+    """A client that was offline while removed still connects: its resume names the room,
+    the server refuses that room, the client forgets it and resumes the others."""
+    alice, erin = await harness.client("alice"), await harness.client("erin")
+    kept, lost = await alice.create_room(), await alice.create_room()
+    for room in (kept, lost):
+        await alice.add(room, "erin")
+        await erin.wait_for_key(room)
+    await erin.close()
+    await alice.remove(lost, "erin")
+    await alice.send_text(kept, "still yours")
+    erin2 = await harness.client("erin")
+    got = await collect_until(erin2, "still yours")
+    assert got[-1].room == kept
+    assert lost not in erin2.keys.rooms and kept in erin2.keys.rooms

@@ -173,8 +173,19 @@ class Client:
         return {r.room: r.last_seq for r in reply.rooms}
 
     async def _resume(self, session: Session) -> None:
+        """Resume every room from its last seq. A room this user is no longer in (removed
+        while offline) is refused as a whole sync: drop such rooms and try once more."""
         rooms = {room: keys.last_seq for room, keys in self.keys.rooms.items()}
-        await self.request(Sync(rid=session.next_rid(), rooms=rooms), Synced, timeout=60)
+        try:
+            await self.request(Sync(rid=session.next_rid(), rooms=rooms), Synced, timeout=60)
+        except RequestError as exc:
+            if exc.code != ErrorCode.FORBIDDEN:
+                raise
+            current = await self.rooms_now(session)
+            for room in set(rooms) - set(current):
+                self.keys.forget_room(room)
+            rooms = {room: seq for room, seq in rooms.items() if room in current}
+            await self.request(Sync(rid=session.next_rid(), rooms=rooms), Synced, timeout=60)
 
     async def _pump(self, session: Session) -> None:
         while True:
@@ -212,14 +223,15 @@ class Client:
             body, problem = None, f"refused: {exc.code.name.lower()}"
         except MedrelayError as exc:
             body, problem = None, f"refused: {exc.code.name.lower()}"
-        keys = self.keys.room(ev.room)
-        keys.last_seq = max(keys.last_seq, ev.seq)
-        self.keys.save()
+        after = self.keys.rooms.get(ev.room)  # None: this event removed us; room forgotten
+        if after is not None:
+            after.last_seq = max(after.last_seq, ev.seq)
+            self.keys.save()
+            self._unreceipted[ev.room] = ev.seq
         if body is not None or problem is not None:
             await self._inbox.put(
                 Message(ev.room, ev.seq, ev.kind, ev.user, ev.sender, body, ev.ts, problem)
             )
-        self._unreceipted[ev.room] = ev.seq
 
     # requests ----------------------------------------------------------------------------
     async def request(self, frame: Frame, expect: type[Any], *, timeout: float = 30) -> Any:

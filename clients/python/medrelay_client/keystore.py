@@ -149,10 +149,9 @@ class KeyStore:
         return self.rooms.setdefault(room, RoomKeys())
 
     def forget_room(self, room: str) -> None:
-        """Wipe a room's epoch secrets (the user was removed); keep only its last seq."""
-        keys = self.rooms.get(room)
-        if keys is not None:
-            self.rooms[room] = RoomKeys(last_seq=keys.last_seq)
+        """Wipe everything about a room (the user was removed or left): its epoch secrets,
+        and the room itself from what this device resumes."""
+        self.rooms.pop(room, None)
         self.save()
 
     def save(self) -> None:
