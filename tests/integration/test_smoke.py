@@ -17,3 +17,16 @@ async def test_two_doctors_talk(harness: Harness) -> None:
             break
     assert got[-1].body == {"type": "text", "text": "BP 90/60, please review"}
     assert got[-1].seq == seq
+
+
+async def test_committer_sees_no_refusal_for_its_own_rekeys(harness: Harness) -> None:
+    """The committer's own rekey events come back to it; they are not shown as refused."""
+    alice = await harness.client("alice")
+    bob = await harness.client("bob")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    last = await alice.send_text(room, "hello")
+    seen = []
+    while not seen or seen[-1].seq < last:
+        seen.append(await alice.next_message())
+    assert [m.problem for m in seen if m.problem] == []

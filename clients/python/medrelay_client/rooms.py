@@ -480,6 +480,8 @@ class RoomLogic:
         rk = self.keys.room(ev.room)
         if manifest.room != ev.room or manifest.committer_device != ev.sender:
             raise BadSignature("rekey relabelled: manifest names another room or committer")
+        if manifest.epoch_number in rk.epochs and ev.sender == self.keys.device_id:
+            return  # our own commit, already kept when the server acknowledged it
         if manifest.epoch_number <= rk.current:
             raise StaleEpoch(f"rekey for epoch {manifest.epoch_number} is not newer than ours")
         state = self.rosters.get(ev.room) or (await self.roster(ev.room))[0]
