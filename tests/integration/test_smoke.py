@@ -22,7 +22,7 @@ async def test_two_doctors_talk(harness: Harness) -> None:
 async def test_committer_sees_no_refusal_for_its_own_rekeys(harness: Harness) -> None:
     """The committer's own rekey events come back to it; they are not shown as refused."""
     alice = await harness.client("alice")
-    bob = await harness.client("bob")
+    await harness.client("bob")  # registered, so that alice can add bob
     room = await alice.create_room()
     await alice.add(room, "bob")
     last = await alice.send_text(room, "hello")
