@@ -480,6 +480,19 @@ async def test_devices_and_device_list_version(store: SqlStore) -> None:
     assert await store.get_device("nope") is None and await store.devices_for([]) == []
 
 
+async def test_unseen_devices_by_last_seen_or_creation(store: SqlStore) -> None:
+    await store.put_device(device("alice"))  # created at NOW, never seen
+    await store.put_device(device("bob"))
+    await store.put_device(device("carol"))
+    await store.touch_device("bob-1", NOW + 100)
+    await store.put_device(device("carol", revoked=True))
+    assert [d.device_id for d in await store.unseen_devices(NOW + 1, limit=10)] == ["alice-1"]
+    later = await store.unseen_devices(NOW + 101, limit=10)
+    assert [(d.device_id, d.last_seen) for d in later] == [("alice-1", None), ("bob-1", NOW + 100)]
+    assert len(await store.unseen_devices(NOW + 101, limit=1)) == 1
+    await store.touch_device("nope", NOW)  # an unknown device is not an error
+
+
 # attachments ----------------------------------------------------------------------------
 
 

@@ -118,6 +118,7 @@ class DeviceRecord:
     kind: str
     revoked: bool = False
     created_at: int = 0
+    last_seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,12 @@ class Store(Protocol):
     async def get_device(self, device_id: str) -> DeviceRecord | None: ...
 
     async def devices_for(self, users: Sequence[str]) -> list[DeviceRecord]: ...
+
+    async def touch_device(self, device_id: str, now: int) -> None:
+        """Record that a connection of the device opened or closed at ``now``."""
+
+    async def unseen_devices(self, before: int, *, limit: int) -> list[DeviceRecord]:
+        """Unrevoked devices last seen (or, never seen, created) before ``before``."""
 
     # rooms and membership ---------------------------------------------------------------
     async def create_room(

@@ -108,6 +108,23 @@ async def devices_for(conn: AsyncConnection, users: Sequence[str]) -> list[Devic
     return [_device_of(row) for row in await conn.execute(query)]
 
 
+async def touch_device(conn: AsyncConnection, device_id: str, now: int) -> None:
+    d = t.devices.c
+    await conn.execute(sa.update(t.devices).where(d.device_id == device_id).values(last_seen=now))
+
+
+async def unseen_devices(conn: AsyncConnection, before: int, *, limit: int) -> list[DeviceRecord]:
+    d = t.devices.c
+    seen = sa.func.coalesce(d.last_seen, d.created_at)
+    query = (
+        sa.select(t.devices)
+        .where(d.revoked.is_(False), seen < before)
+        .order_by(seen, d.device_id)
+        .limit(limit)
+    )
+    return [_device_of(row) for row in await conn.execute(query)]
+
+
 def _device_of(row: Any) -> DeviceRecord:
     return DeviceRecord(
         user=row.user_id,
@@ -118,4 +135,5 @@ def _device_of(row: Any) -> DeviceRecord:
         kind=row.kind,
         revoked=bool(row.revoked),
         created_at=row.created_at,
+        last_seen=row.last_seen,
     )

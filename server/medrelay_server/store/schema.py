@@ -112,6 +112,9 @@ devices = sa.Table(
     sa.Column("kind", sa.Text, nullable=False),
     sa.Column("revoked", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # when a connection of this device last opened or closed (unix seconds); a device
+    # unseen for the configured period is retired
+    sa.Column("last_seen", sa.BigInteger, nullable=True),
 )
 
 receipts = sa.Table(

@@ -202,6 +202,14 @@ class SqlStore:
         async with self._db.read() as conn:
             return await devices.devices_for(conn, users)
 
+    async def touch_device(self, device_id: str, now: int) -> None:
+        async with self._db.write() as conn:
+            await devices.touch_device(conn, device_id, now)
+
+    async def unseen_devices(self, before: int, *, limit: int) -> list[DeviceRecord]:
+        async with self._db.read() as conn:
+            return await devices.unseen_devices(conn, before, limit=limit)
+
     # rooms and membership ---------------------------------------------------------------
     async def create_room(
         self,
