@@ -38,6 +38,8 @@ class Connection:
     address: str | None = None
     id: int = field(default_factory=lambda: next(_ids))
     cursors: dict[str, int] = field(default_factory=dict)
+    acked: dict[str, int] = field(default_factory=dict)
+    """Room -> this device's cumulative receipt as last read or written by this connection."""
     catching_up: set[str] = field(default_factory=set)
     closed: bool = False
     reauth_deadline: int | None = None

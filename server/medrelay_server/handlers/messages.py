@@ -27,7 +27,7 @@ from medrelay_protocol.frames import (
     Typing,
     TypingEvent,
 )
-from medrelay_protocol.policy import may_post, may_read_history
+from medrelay_protocol.policy import may_read_history
 
 from ..delivery import ROOM_TOPIC, event_frame
 from ..gateway.connection import Connection
@@ -65,18 +65,12 @@ async def _store_and_fan_out(
     epoch, priority = _checked_envelope(conn, frame.room, frame.mid, frame.envelope)
     if urgent and priority != "urgent":
         raise RequestError(ErrorCode.INVALID_FIELD, "a summon must carry priority urgent")
-    role = await require_member(gw, conn, frame.room)
-    if not may_post(role):
-        raise RequestError(ErrorCode.FORBIDDEN, "this role may not post")
+    # membership and role (``policy.may_post`` / ``may_summon``) are checked by the store
+    # inside the send's transaction, which also fills the role into the audit record: a
+    # separate read before it would cost a transaction and could only be staler
     detail = f"{priority}; summoned {frame.role}" if isinstance(frame, Summon) else priority
     record = gw.audit(
-        conn,
-        kind,
-        room=frame.room,
-        mid=frame.mid,
-        detail=detail,
-        role=role,
-        patient_tag=frame.patient_tag,
+        conn, kind, room=frame.room, mid=frame.mid, detail=detail, patient_tag=frame.patient_tag
     )
     result = await gw.store.append_message(
         frame.room,
@@ -106,13 +100,24 @@ async def handle_summon(gw: Gateway, conn: Connection, frame: Summon) -> None:
 
 
 async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
-    await require_member(gw, conn, frame.room)
-    # a device can only acknowledge what this connection delivered to it
-    seq = min(frame.seq, conn.cursors.get(frame.room, 0))
-    before = await gw.store.receipt_of(frame.room, conn.device)
+    """A device can only acknowledge what this connection delivered to it. The room's
+    cursor exists only while the connection follows the room as a member (set after the
+    membership check of ``sync``, dropped at the removal's seq), so it stands for the
+    membership check; a receipt for a room the connection does not follow moves nothing.
+
+    The device's stored receipt is read once per room and connection and then kept on the
+    connection, so a receipt costs one upsert, and one that moves nothing costs nothing."""
+    cursor = conn.cursors.get(frame.room)
+    if cursor is None:
+        return
+    seq = min(frame.seq, cursor)
+    before = conn.acked.get(frame.room)
+    if before is None:
+        before = conn.acked[frame.room] = await gw.store.receipt_of(frame.room, conn.device)
     if seq <= before:
         return
     after = await gw.store.record_receipt(frame.room, conn.device, seq, gw.clock.now())
+    conn.acked[frame.room] = after
     if after > before:  # journaled in batches: one record per contiguous range per device
         gw.journal.record_acked(
             conn.user, conn.device, frame.room, after, gw.clock.now(), previous=before

@@ -83,7 +83,9 @@ class Database:
             connect_args: dict[str, Any] = {}
             if schema is not None:
                 connect_args["server_settings"] = {"search_path": schema}
-            self.engine = create_async_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
+            self.engine = create_async_engine(
+                parsed, connect_args=connect_args, pool_pre_ping=False
+            )
         self._writer: AsyncEngine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 

@@ -73,11 +73,13 @@ class GroupCommitter:
     async def _run(self, batch: list[_Item]) -> None:
         outcomes: list[AppendResult | RequestError] = []
         async with self._db.write() as conn, self._writer.deferred(conn):
+            sends = messages.SendBatch(conn, self._writer)
             for kw, _ in batch:
                 try:
-                    outcomes.append(await messages.append_message(conn, self._writer, **kw))
+                    outcomes.append(await sends.append(**kw))
                 except RequestError as refused:
                     outcomes.append(refused)
+            await sends.finish()
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue

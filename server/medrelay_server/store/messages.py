@@ -7,7 +7,9 @@ the roster and rekey events of the interval, or inside one of their history gran
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from medrelay_protocol import policy
@@ -19,14 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import schema as t
 from .audit import ChainWriter, write_audit
 from .base import AppendResult, AuditRecord, StoredEvent
-from .rows import (
-    EVENT_COLUMNS,
-    current_role,
-    event_of,
-    insert_event,
-    lock_room,
-    refuse,
-)
+from .rows import EVENT_COLUMNS, event_of, notify_event, refuse
 
 MESSAGE_KINDS = {
     "message": policy.may_post,
@@ -37,52 +32,149 @@ KINDS_FOR_NON_RECEIVERS = ("roster", "rekey")
 RECEIVER_ROLES = tuple(role for role in policy.ROLES if policy.may_receive(role))
 
 
-async def append_message(
-    conn: AsyncConnection,
-    writer: ChainWriter,
-    room: str,
-    *,
-    user: str,
-    device: str,
-    mid: bytes,
-    envelope: bytes,
-    kind: str,
-    epoch: int,
-    allow_pending: bool,
-    now: int,
-    audit: Sequence[AuditRecord],
-) -> AppendResult:
-    """Membership is checked before idempotency (a removed user learns nothing, not even
-    the seq of an earlier send); idempotency before the epoch, so a retry of a send that
-    was stored returns its ack even after the epoch moved on."""
-    allowed = MESSAGE_KINDS.get(kind)
-    if allowed is None:
-        raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
-    state = await lock_room(conn, room)
-    role = await current_role(conn, room, user)
-    if role is None or not allowed(role):
-        raise refuse(ErrorCode.FORBIDDEN, "may not post")
-    e = t.events.c
-    query = sa.select(*EVENT_COLUMNS).where(e.room == room, e.sender_device == device, e.mid == mid)
-    row = (await conn.execute(query)).one_or_none()
-    if row is not None:
+def _send_statements(dialect: str) -> dict[str, Any]:
+    """The send path's statements, built once per dialect with bind parameters: building and
+    cache-keying a Core statement per call cost more than executing it (bench.store_ops)."""
+    r, m, e = t.rooms.c, t.memberships.c, t.events.c
+    role = (
+        sa.select(m.role)
+        .where(m.room == sa.bindparam("room"), m.user_id == sa.bindparam("user"))
+        .where(m.to_seq.is_(None))
+        .scalar_subquery()
+    )
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    columns = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
+    return {
+        # the room row locked (PostgreSQL; SQLite holds the write lock) with the sender's role
+        "lock": sa.select(r.last_seq, r.epoch, r.pending_rekey, role)
+        .where(r.room == sa.bindparam("room"))
+        .with_for_update(of=t.rooms),
+        "insert": insert(t.events)
+        .values({c: sa.bindparam(c) for c in columns})
+        .on_conflict_do_nothing(index_elements=["room", "sender_device", "mid"]),
+        "original": sa.select(*EVENT_COLUMNS).where(
+            e.room == sa.bindparam("room"),
+            e.sender_device == sa.bindparam("device"),
+            e.mid == sa.bindparam("mid"),
+        ),
+        "last_seq": sa.update(t.rooms)
+        .where(r.room == sa.bindparam("b_room"))
+        .values(last_seq=sa.bindparam("b_seq")),
+    }
+
+
+_STATEMENTS = {d: _send_statements(d) for d in ("postgresql", "sqlite")}
+
+
+class SendBatch:
+    """Sends appended inside one write transaction (a group-commit batch, or a batch of
+    one). Per send: one statement locks the room row and reads the sender's role, one
+    inserts the event (a conflict on ``(room, sender_device, mid)`` is the idempotent
+    retry). Per batch, in :meth:`finish`: each room's ``last_seq`` once, and on PostgreSQL
+    one NOTIFY per room with its newest seq (listeners fill the gap up to it)."""
+
+    def __init__(self, conn: AsyncConnection, writer: ChainWriter) -> None:
+        self._conn = conn
+        self._writer = writer
+        self._sql = _STATEMENTS[conn.dialect.name]
+        self._last: dict[str, int] = {}
+
+    async def append(
+        self,
+        room: str,
+        *,
+        user: str,
+        device: str,
+        mid: bytes,
+        envelope: bytes,
+        kind: str,
+        epoch: int,
+        allow_pending: bool,
+        now: int,
+        audit: Sequence[AuditRecord],
+    ) -> AppendResult:
+        """Membership is checked before idempotency (a removed user learns nothing, not
+        even the seq of an earlier send); idempotency before the epoch, so a retry of a send
+        that was stored returns its ack even after the epoch moved on."""
+        allowed = MESSAGE_KINDS.get(kind)
+        if allowed is None:
+            raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
+        conn, sql = self._conn, self._sql
+        row = (await conn.execute(sql["lock"], {"room": room, "user": user})).one_or_none()
+        last_seq, room_epoch, pending, role = row if row is not None else (0, 0, False, None)
+        if role is None or not allowed(role):  # an unknown room alike: ids cannot be probed
+            raise refuse(ErrorCode.FORBIDDEN, "may not post")
+        audit = [a if a.role is not None else dataclasses.replace(a, role=role) for a in audit]
+        if epoch != room_epoch or (pending and not allow_pending):
+            found = await self._duplicate(room, user, device, mid, envelope, kind, now, audit)
+            if found is not None:
+                return found
+            if epoch != room_epoch:
+                raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
+            raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
+        seq = max(last_seq, self._last.get(room, 0)) + 1
+        stored = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
+        values = {
+            "room": room,
+            "seq": seq,
+            "kind": kind,
+            "sender_device": device,
+            "sender_user": user,
+            "ts": now,
+            "payload": envelope,
+            "mid": mid,
+        }
+        if (await conn.execute(sql["insert"], values)).rowcount == 0:
+            found = await self._duplicate(room, user, device, mid, envelope, kind, now, audit)
+            if found is None:  # a conflict on another key: cannot happen while the room is locked
+                raise refuse(ErrorCode.UNAVAILABLE, "event conflict")
+            return found
+        self._last[room] = seq
+        await write_audit(conn, self._writer, audit, now=now, room=room, seqs=(seq, seq))
+        return AppendResult(stored, duplicate=False)
+
+    async def _duplicate(
+        self,
+        room: str,
+        user: str,
+        device: str,
+        mid: bytes,
+        envelope: bytes,
+        kind: str,
+        now: int,
+        audit: Sequence[AuditRecord],
+    ) -> AppendResult | None:
+        """The stored original of a retried send, journaled again; None if there is none."""
+        params = {"room": room, "device": device, "mid": mid}
+        row = (await self._conn.execute(self._sql["original"], params)).one_or_none()
+        if row is None:
+            return None
         original = event_of(row)
         if original.payload != envelope or original.kind != kind or original.sender_user != user:
             raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
-        await write_audit(
-            conn, writer, audit, now=now, room=room, seqs=(original.seq, original.seq)
-        )
+        seqs = (original.seq, original.seq)
+        await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=seqs)
         return AppendResult(original, duplicate=True)
-    if epoch != state.epoch:
-        raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
-    if state.pending_rekey and not allow_pending:
-        raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
-    seq = state.last_seq + 1
-    stored = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
-    await insert_event(conn, stored)
-    await conn.execute(sa.update(t.rooms).where(t.rooms.c.room == room).values(last_seq=seq))
-    await write_audit(conn, writer, audit, now=now, room=room, seqs=(seq, seq))
-    return AppendResult(stored, duplicate=False)
+
+    async def finish(self) -> None:
+        if not self._last:
+            return
+        rows = [{"b_room": room, "b_seq": seq} for room, seq in sorted(self._last.items())]
+        await self._conn.execute(self._sql["last_seq"], rows)
+        if self._conn.dialect.name == "postgresql":  # wakes every node if a publish is lost
+            for room, seq in sorted(self._last.items()):
+                await notify_event(self._conn, room, seq)
+        self._last.clear()
+
+
+async def append_message(
+    conn: AsyncConnection, writer: ChainWriter, room: str, **kw: Any
+) -> AppendResult:
+    """One send in its own transaction (the store without group commit)."""
+    batch = SendBatch(conn, writer)
+    result = await batch.append(room, **kw)
+    await batch.finish()
+    return result
 
 
 def _visible_to(user: str) -> sa.ColumnElement[bool]:

@@ -96,8 +96,15 @@ async def insert_event(conn: AsyncConnection, event: StoredEvent) -> None:
         )
     )
     if conn.dialect.name == "postgresql":  # wakes every node even if the broker publish is lost
-        payload = f"{event.room}\x1f{event.seq}"
-        await conn.execute(sa.select(sa.func.pg_notify(EVENTS_CHANNEL, payload)))
+        await notify_event(conn, event.room, event.seq)
+
+
+_NOTIFY = sa.select(sa.func.pg_notify(EVENTS_CHANNEL, sa.bindparam("payload")))
+
+
+async def notify_event(conn: AsyncConnection, room: str, seq: int) -> None:
+    """PostgreSQL: NOTIFY the events channel (delivered when the transaction commits)."""
+    await conn.execute(_NOTIFY, {"payload": f"{room}\x1f{seq}"})
 
 
 async def insert_wraps(
