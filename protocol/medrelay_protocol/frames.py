@@ -25,6 +25,10 @@ CHUNK = 300 * 1024
 ROLE_CHOICES = ("owner", "member", "observer", "device")
 PRESENCE_CHOICES = ("online", "away", "offline")
 KIND_CHOICES = ("message", "roster", "rekey", "summon", "grant")
+APPROVAL_STATES = ("pending", "approved")
+REQUEST_ID = 32
+BACKUP = 64 * 1024
+BACKUP_SHARE = 104
 
 R = TypeVar("R", bound=Record)
 
@@ -94,6 +98,7 @@ class UserDevices(Record):
     certificates: tuple[bytes, ...] = bound(max_len=64, default=())
     bundles: tuple[bytes, ...] = bound(max_len=64, default=())
     revoked: tuple[str, ...] = bound(max_len=256, default=())
+    attestation: bytes | None = bound(min_len=1, max_len=1024, default=None)
 
 
 @record
@@ -104,6 +109,19 @@ class RoomInfo(Record):
     last_seq: int = SEQ()
     epoch: int = SEQ()
     pending_rekey: bool = False
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class PendingDevice(Record):
+    """A new device of the user waiting to be approved (``approvals.requests``)."""
+
+    request: str = bound(min_len=1, max_len=REQUEST_ID)
+    device: str = DEVICE_ID()
+    device_key: bytes = bound(min_len=32, max_len=32)
+    bundle: bytes = bound(min_len=1, max_len=1024)
+    created_at: int = SEQ()
+    expires_at: int = SEQ()
 
 
 # ------------------------------------------------------------------ client -> server
@@ -138,6 +156,8 @@ class RegisterDevice(Frame):
     identity_key: bytes = bound(min_len=32, max_len=32)
     certificate: bytes = bound(min_len=1, max_len=1024)
     bundle: bytes = bound(min_len=1, max_len=1024)
+    attestation: bytes | None = bound(min_len=1, max_len=1024, default=None)
+    """The institution's identity attestation: needed when the user has no pinned key yet."""
 
 
 @client_frame("get_devices")
@@ -292,6 +312,53 @@ class Presence(Frame):
     status: str = bound(choices=PRESENCE_CHOICES)
 
 
+@client_frame("request_approval")
+@dataclass(frozen=True, slots=True)
+class RequestApproval(Frame):
+    """A new, uncertified device asks the user's other devices to approve it. Idempotent:
+    asking again returns the same request while it lives. Reply: ``approval_status``."""
+
+    rid: str = RID()
+    device_key: bytes = bound(min_len=32, max_len=32)
+    bundle: bytes = bound(min_len=1, max_len=1024)
+
+
+@client_frame("list_approvals")
+@dataclass(frozen=True, slots=True)
+class ListApprovals(Frame):
+    """The user's pending device requests (for a device that connects later)."""
+
+    rid: str = RID()
+
+
+@client_frame("approve_device")
+@dataclass(frozen=True, slots=True)
+class ApproveDevice(Frame):
+    """An existing device approves a request: the new device's certificate (signed by the
+    identity key) and its share of the key backup (the backup key wrapped to it)."""
+
+    rid: str = RID()
+    request: str = bound(min_len=1, max_len=REQUEST_ID)
+    certificate: bytes = bound(min_len=1, max_len=1024)
+    backup_share: bytes = bound(min_len=BACKUP_SHARE, max_len=BACKUP_SHARE)
+
+
+@client_frame("put_backup")
+@dataclass(frozen=True, slots=True)
+class PutBackup(Frame):
+    """Store the user's encrypted key backup; ``version`` must be the stored one + 1."""
+
+    rid: str = RID()
+    version: int = bound(lo=1)
+    blob: bytes = bound(min_len=1, max_len=BACKUP)
+
+
+@client_frame("get_backup")
+@dataclass(frozen=True, slots=True)
+class GetBackup(Frame):
+    rid: str = RID()
+
+
 # ------------------------------------------------------------------ server -> client
 
 
@@ -435,6 +502,51 @@ class ReadMarkerEvent(Frame):
 class PresenceEvent(Frame):
     user: str = bound(min_len=1, max_len=USER)
     status: str = bound(choices=PRESENCE_CHOICES)
+
+
+@server_frame("approval_status")
+@dataclass(frozen=True, slots=True)
+class ApprovalStatus(Frame):
+    """To the requesting device: the reply to ``request_approval``, and pushed (no ``rid``)
+    once another device approved it, then carrying the certificate and backup share."""
+
+    request: str = bound(min_len=1, max_len=REQUEST_ID)
+    state: str = bound(choices=APPROVAL_STATES)
+    expires_at: int = SEQ()
+    rid: str | None = bound(min_len=1, max_len=64, default=None)
+    identity_key: bytes | None = bound(min_len=32, max_len=32, default=None)
+    certificate: bytes | None = bound(min_len=1, max_len=1024, default=None)
+    backup_share: bytes | None = bound(min_len=BACKUP_SHARE, max_len=BACKUP_SHARE, default=None)
+
+
+@server_frame("device_request")
+@dataclass(frozen=True, slots=True)
+class DeviceRequest(Frame):
+    """Pushed to the user's registered devices when a new device asks for approval."""
+
+    request: str = bound(min_len=1, max_len=REQUEST_ID)
+    device: str = DEVICE_ID()
+    device_key: bytes = bound(min_len=32, max_len=32)
+    bundle: bytes = bound(min_len=1, max_len=1024)
+    created_at: int = SEQ()
+    expires_at: int = SEQ()
+
+
+@server_frame("approvals")
+@dataclass(frozen=True, slots=True)
+class Approvals(Frame):
+    rid: str = RID()
+    requests: tuple[PendingDevice, ...] = bound(max_len=16)
+
+
+@server_frame("backup")
+@dataclass(frozen=True, slots=True)
+class Backup(Frame):
+    """The user's encrypted key backup; ``version`` 0 and no ``blob`` when there is none."""
+
+    rid: str = RID()
+    version: int = SEQ()
+    blob: bytes | None = bound(min_len=1, max_len=BACKUP, default=None)
 
 
 @server_frame("error")

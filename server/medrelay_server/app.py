@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from .auth.base import IdentityProvider
+from .auth.dev import INSTITUTION as DEV_INSTITUTION
 from .auth.dev import DevIssuer
 from .clock import Clock
 from .delivery import Delivery, Registry
@@ -71,6 +72,13 @@ def create_app(
         journal=journal,
         handlers=dict(HANDLERS),
     )
+    if signin is not None:  # institutions vouch for their users' first identity keys
+        gateway.attesters.update({i.id: i.sender for i in signin.institutions.values()})
+        gateway.require_attestation = True
+    if isinstance(identity, DevIssuer):  # the development issuer is its own institution
+        gateway.attesters[DEV_INSTITUTION] = identity
+        gateway.self_attesting = frozenset({DEV_INSTITUTION})
+        gateway.require_attestation = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -141,6 +149,8 @@ def create_app(
         routes.extend(signin.routes())
     if settings.dev_issuer and isinstance(identity, DevIssuer):
         routes.append(Route("/dev/token", _dev_token(identity, clock), methods=["POST"]))
+        if signin is None:
+            routes.append(Route("/institutions", _dev_institutions(identity), methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
     return app
@@ -157,5 +167,21 @@ def _dev_token(issuer: DevIssuer, clock: Clock):  # type: ignore[no-untyped-def]
         if not 0 < len(user) <= 128 or kind not in ("person", "tablet"):
             return JSONResponse({"error": "bad user or kind"}, status_code=400)
         return JSONResponse({"token": issuer.issue(user, clock.now(), kind=kind)})
+
+    return endpoint
+
+
+def _dev_institutions(issuer: DevIssuer):  # type: ignore[no-untyped-def]
+    """``GET /institutions`` of the embedded default: the development institution, whose key
+    attests identity keys (clients pin it at enrolment, as they would a hospital's)."""
+
+    async def endpoint(request: Request) -> Response:
+        entry = {
+            "id": DEV_INSTITUTION,
+            "name": "development issuer",
+            "issuer": "dev",
+            "attestation_key": issuer.public_key.hex(),
+        }
+        return JSONResponse({"institutions": [entry]})
 
     return endpoint

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medrelay_protocol.crypto import KEY_SIZE, SigningKey
+from medrelay_protocol.enrolment import IdentityAttestation
 from medrelay_protocol.roster import make_external_change
 from medrelay_protocol.roster_entry import RosterPosition
 
@@ -53,6 +54,13 @@ class ExternalSender(Protocol):
     ) -> bytes:
         """A roster entry extending ``state``, signed by the external sender key; raises
         :class:`SignerUnavailable` when this process cannot sign."""
+
+    async def attest(
+        self, *, user_id: str, identity_key: bytes, institution: str, issued_at: int
+    ) -> bytes:
+        """An identity attestation (``enrolment.IdentityAttestation``) of a user's first
+        identity key, signed at sign-in; :class:`SignerUnavailable` when this process
+        cannot sign."""
 
 
 class FileExternalSender:
@@ -90,6 +98,17 @@ class FileExternalSender:
             state, action, params, external_key=self._key, issued_at=issued_at
         )
 
+    async def attest(
+        self, *, user_id: str, identity_key: bytes, institution: str, issued_at: int
+    ) -> bytes:
+        return IdentityAttestation.issue(
+            self._key,
+            user_id=user_id,
+            identity_key=identity_key,
+            institution=institution,
+            issued_at=issued_at,
+        ).raw
+
 
 class PublicOnlyExternalSender:
     def __init__(self, public_key: bytes) -> None:
@@ -109,6 +128,11 @@ class PublicOnlyExternalSender:
         params: Mapping[str, Any],
         *,
         issued_at: int,
+    ) -> bytes:
+        raise SignerUnavailable("the institution's signer holds this key")
+
+    async def attest(
+        self, *, user_id: str, identity_key: bytes, institution: str, issued_at: int
     ) -> bytes:
         raise SignerUnavailable("the institution's signer holds this key")
 
@@ -158,13 +182,15 @@ class Institutions(Mapping[str, Institution]):
         return self._by_key.get(public_key) if public_key is not None else None
 
     def public_listing(self) -> list[dict[str, str]]:
-        """What ``GET /institutions`` serves: ids, names, issuers, external sender keys."""
+        """What ``GET /institutions`` serves: ids, names, issuers, external sender keys (the
+        same key attests the institution's users' identity keys: ``attestation_key``)."""
         return [
             {
                 "id": i.id,
                 "name": i.config.name,
                 "issuer": i.config.issuer,
                 "external_sender": i.sender.public_key.hex(),
+                "attestation_key": i.sender.public_key.hex(),
             }
             for i in self._by_id.values()
         ]

@@ -3,7 +3,9 @@
 ==================================  ========================================================
 ``POST /auth/signin``               ``{"id_token": ...}`` from the user's institution, or
                                     ``{"enrollment": ...}`` for a ward tablet; returns an
-                                    access token (15 min) and a refresh token
+                                    access token (15 min) and a refresh token; with
+                                    ``"identity_key": <hex>`` also the institution's
+                                    ``attestation`` of that key (first device only)
 ``POST /auth/refresh``              ``{"refresh_token": ...}``; returns a new pair (the old
                                     refresh token is spent; presenting it again revokes
                                     the session). The new access token renews an open
@@ -46,7 +48,7 @@ from .auth.issuers import load_issuers
 from .auth.oidc import OidcVerifier
 from .auth.tokens import MedrelayTokens
 from .clock import Clock
-from .institutions import Institutions
+from .institutions import Institutions, SignerUnavailable
 from .register.db import Account, IdentityDb
 from .register.directory import search
 from .register.recheck import CommitExternal, RegisterRechecker
@@ -75,10 +77,39 @@ class SigninService:
     institutions: Institutions
     clock: Clock
     journal: Journal
+    store: Store | None = None
+    """For the pinned identity keys: an attestation is made only for a user who has none
+    pinned yet (or for the very key pinned)."""
     _seen: dict[bytes, int] = field(default_factory=dict, repr=False)
 
     # flows ------------------------------------------------------------------------------
-    async def sign_in_with_id_token(self, id_token: str) -> dict[str, Any]:
+    async def attest(self, account: Account, identity_key: bytes, now: int) -> str | None:
+        """The institution's attestation of the identity key the client presents at
+        sign-in, hex; None when another key is pinned for the user (a changed identity key
+        is an administrator action) or the institution's signer is not in this process."""
+        if self.store is None:
+            return None
+        pinned = await self.store.get_identity(account.user)
+        if pinned is not None and pinned != identity_key:
+            return None
+        institution = self.institutions.get(account.institution)
+        if institution is None:
+            return None
+        try:
+            raw = await institution.sender.attest(
+                user_id=account.user,
+                identity_key=identity_key,
+                institution=account.institution,
+                issued_at=now,
+            )
+        except SignerUnavailable:
+            return None
+        return raw.hex()
+
+    async def sign_in_with_id_token(
+        self, id_token: str, identity_key: bytes | None = None
+    ) -> dict[str, Any]:
+        key = identity_key
         now = self.clock.now()
         claims = await self.oidc.verify_id_token(id_token, now)
         digest = hashlib.sha256(id_token.encode()).digest()
@@ -96,13 +127,25 @@ class SigninService:
         )
         issued = await self.sessions.start(account.user, idp_sid=claims.sid, now=now)
         self._remember(digest, until=claims.expires_at, now=now)
-        return self._grant(account, issued, now)
+        return await self._with_attestation(self._grant(account, issued, now), account, key, now)
 
-    async def sign_in_tablet(self, credential: str) -> dict[str, Any]:
+    async def sign_in_tablet(
+        self, credential: str, identity_key: bytes | None = None
+    ) -> dict[str, Any]:
         now = self.clock.now()
         account = await self.sessions.check_enrollment(credential, now=now)
         issued = await self.sessions.start(account.user, idp_sid=None, now=now)
-        return self._grant(account, issued, now)
+        grant = self._grant(account, issued, now)
+        return await self._with_attestation(grant, account, identity_key, now)
+
+    async def _with_attestation(
+        self, grant: dict[str, Any], account: Account, key: bytes | None, now: int
+    ) -> dict[str, Any]:
+        if key is not None:
+            attestation = await self.attest(account, key, now)
+            if attestation is not None:
+                grant["attestation"] = attestation
+        return grant
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         now = self.clock.now()
@@ -169,10 +212,11 @@ class SigninService:
     # HTTP -------------------------------------------------------------------------------
     async def signin_endpoint(self, request: Request) -> Response:
         async def run(body: dict[str, Any]) -> dict[str, Any]:
+            key = _identity_key(body)
             if isinstance(body.get("id_token"), str) and "enrollment" not in body:
-                return await self.sign_in_with_id_token(body["id_token"])
+                return await self.sign_in_with_id_token(body["id_token"], key)
             if isinstance(body.get("enrollment"), str) and "id_token" not in body:
-                return await self.sign_in_tablet(body["enrollment"])
+                return await self.sign_in_tablet(body["enrollment"], key)
             raise BadRequest('send {"id_token": ...} or {"enrollment": ...}')
 
         return await self._token_endpoint(request, "signin", run)
@@ -310,6 +354,19 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _identity_key(body: dict[str, Any]) -> bytes | None:
+    value = body.get("identity_key")
+    if value is None:
+        return None
+    try:
+        key = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BadRequest("identity_key: 64 hex characters (an Ed25519 public key)")
+    return key
+
+
 def _peer(request: Request) -> str:
     client = request.client
     return f"{client.host}:{client.port}" if client else "unknown"
@@ -364,5 +421,7 @@ def build_identity(
     tokens = MedrelayTokens.from_file(data_dir / "token_keys.json")
     idb = IdentityDb(database_url, schema=schema)
     sessions = Sessions(idb.database)
-    service = SigninService(oidc, tokens, idb, sessions, institutions, clock, store.journal)
+    service = SigninService(
+        oidc, tokens, idb, sessions, institutions, clock, store.journal, store=store
+    )
     return IdentityStack(tokens, oidc, idb, sessions, institutions, service, client)

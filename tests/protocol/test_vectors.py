@@ -65,6 +65,10 @@ SECTIONS = (
     "connect_proof",
     "message",
     "attachment",
+    "identity_attestation",
+    "approval_code",
+    "key_backup",
+    "backup_wrap",
 )
 
 
@@ -347,3 +351,80 @@ def test_attachment(vec: dict[str, Any]) -> None:
         b"".join(decrypt_attachment(x(vec["key"]), x(vec["header"]), b"another-file-id!", chunks))
     with pytest.raises(DecryptionFailed):
         b"".join(decrypt_attachment(x(vec["key"]), x(vec["header"]), x(vec["file_id"]), []))
+
+
+# device enrolment (protocol.md 5.19-5.21) ----------------------------------------------
+
+
+@pytest.mark.parametrize("vec", cases("identity_attestation"))
+def test_identity_attestation(vec: dict[str, Any]) -> None:
+    from medrelay_protocol.crypto import SigningKey
+    from medrelay_protocol.enrolment import IdentityAttestation
+
+    institution = SigningKey(x(vec["institution_seed"]))
+    assert institution.public == x(vec["institution_public"])
+    att = IdentityAttestation.issue(
+        institution,
+        user_id=vec["user_id"],
+        identity_key=x(vec["identity_key"]),
+        institution=vec["institution"],
+        issued_at=vec["issued_at"],
+    )
+    assert att.raw == x(vec["raw"]) == x(vec["body"]) + x(vec["signature"])
+    got = IdentityAttestation.verify(x(vec["raw"]), x(vec["institution_public"]))
+    assert (got.user_id, got.institution, got.issued_at) == (
+        vec["user_id"],
+        vec["institution"],
+        vec["issued_at"],
+    )
+
+
+@pytest.mark.parametrize("vec", cases("approval_code"))
+def test_approval_code(vec: dict[str, Any]) -> None:
+    from medrelay_protocol.enrolment import approval_code, approval_qr, check_approval_code
+
+    assert approval_code(vec["user_id"], x(vec["device_key"])) == vec["code"]
+    assert approval_qr(vec["user_id"], x(vec["device_key"])) == vec["qr"]
+    check_approval_code(vec["code"], vec["user_id"], x(vec["device_key"]))
+    check_approval_code(vec["qr"], vec["user_id"], x(vec["device_key"]))
+
+
+@pytest.mark.parametrize("vec", cases("key_backup"))
+def test_key_backup(vec: dict[str, Any]) -> None:
+    from medrelay_protocol.enrolment import BackupContents, open_backup, seal_backup
+
+    blob = seal_backup(
+        x(vec["backup_key"]),
+        user_id=vec["user_id"],
+        version=vec["version"],
+        contents=BackupContents(identity_seed=x(vec["identity_seed"])),
+        nonce=x(vec["nonce"]),
+    )
+    assert blob == x(vec["blob"])
+    opened = open_backup(
+        x(vec["backup_key"]), user_id=vec["user_id"], version=vec["version"], blob=blob
+    )
+    assert opened.identity_seed == x(vec["identity_seed"])
+
+
+@pytest.mark.parametrize("vec", cases("backup_wrap"))
+def test_backup_wrap(vec: dict[str, Any]) -> None:
+    from medrelay_protocol.crypto import ReceivingKey
+    from medrelay_protocol.enrolment import unwrap_backup_key, wrap_backup_key
+
+    share = wrap_backup_key(
+        x(vec["backup_key"]),
+        user_id=vec["user_id"],
+        recipient_device=vec["recipient_device"],
+        recipient_public=x(vec["recipient_public"]),
+        ephemeral=ReceivingKey(x(vec["ephemeral_private"])),
+        nonce=x(vec["nonce"]),
+    )
+    assert share == x(vec["share"])
+    key = unwrap_backup_key(
+        share,
+        user_id=vec["user_id"],
+        device_id=vec["recipient_device"],
+        receiving=ReceivingKey(x(vec["recipient_private"])),
+    )
+    assert key == x(vec["backup_key"])

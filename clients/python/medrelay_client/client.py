@@ -20,9 +20,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medrelay_protocol.codes import CloseCode, ErrorCode, Reconnect
+from medrelay_protocol.crypto import fingerprint
 from medrelay_protocol.errors import MedrelayError, RequestError
-from medrelay_protocol.frames import Deliver, Error, Frame, Sync, Synced
+from medrelay_protocol.frames import (
+    Approvals,
+    Deliver,
+    DeviceRequest,
+    Error,
+    Frame,
+    ListApprovals,
+    PendingDevice,
+    Sync,
+    Synced,
+)
+from medrelay_protocol.identity import DeviceCertificate
 
+from . import enrolment
 from .keystore import KeyStore
 from .rooms import RoomLogic
 from .transport import Session, SessionClosed
@@ -65,9 +78,17 @@ class Client:
     logic: RoomLogic = field(init=False)
     fatal: SessionClosed | None = None
     _unreceipted: dict[str, int] = field(default_factory=dict)
+    device_requests: dict[str, DeviceRequest | PendingDevice] = field(default_factory=dict)
+    """New devices of this user waiting for approval (pushed, or from ``list_approvals``)."""
+    _device_request: asyncio.Event = field(default_factory=asyncio.Event)
+
+    institution_keys: dict[str, bytes] | None = None
+    """Institution id -> attestation key, pinned at enrolment (``GET /institutions``): a
+    user is added to a room only if their identity key carries a valid attestation."""
 
     def __post_init__(self) -> None:
         self.logic = RoomLogic(self.keys, self.request, kind=self.kind)
+        self.logic.institution_keys = self.institution_keys
 
     @property
     def user(self) -> str:
@@ -208,6 +229,9 @@ class Client:
     async def _on_push(self, frame: Frame) -> None:
         if isinstance(frame, Deliver):
             await self._on_deliver(frame)
+        elif isinstance(frame, DeviceRequest):
+            self.device_requests[frame.request] = frame
+            self._device_request.set()
         elif isinstance(frame, Error):
             log.warning("server error %s", ErrorCode(frame.code).name)
 
@@ -289,6 +313,54 @@ class Client:
         for room in rooms:
             await self.logic.revoke_device(room, device_id)
         return rooms
+
+    # the user's devices ---------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """The user's one fingerprint (from the identity key), the same on every device."""
+        return fingerprint(self.user, self.keys.identity.public)
+
+    async def list_device_requests(self) -> dict[str, DeviceRequest | PendingDevice]:
+        """Ask the server for the user's pending device requests (e.g. after connecting)."""
+        await self._connected.wait()
+        reply: Approvals = await self.request(ListApprovals(rid=self.rid()), Approvals)
+        self.device_requests = {p.request: p for p in reply.requests}
+        if reply.requests:
+            self._device_request.set()
+        return dict(self.device_requests)
+
+    async def wait_for_device_request(self, timeout: float = 15.0) -> DeviceRequest | PendingDevice:
+        """The oldest pending request, waiting for one to be pushed if there is none."""
+        await self._connected.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self.device_requests:
+            await self.list_device_requests()
+        while not self.device_requests:
+            self._device_request.clear()
+            await asyncio.wait_for(self._device_request.wait(), max(0.0, deadline - loop.time()))
+        return min(self.device_requests.values(), key=lambda p: (p.created_at, p.request))
+
+    async def approve_device(self, request_id: str, code: str) -> DeviceCertificate:
+        """Approve a new device of this user: ``code`` is what the user typed (or scanned)
+        from the new device's screen. A code that does not match the key the server
+        delivered raises :class:`~medrelay_protocol.enrolment.CodeMismatch` and nothing is
+        issued. Otherwise the device gets its certificate and the backup key."""
+        await self._connected.wait()
+        pending = self.device_requests.get(request_id)
+        if pending is None:
+            await self.list_device_requests()
+            pending = self.device_requests.get(request_id)
+        if pending is None:
+            raise RequestError(ErrorCode.UNKNOWN_REQUEST, "no such request")
+        cert = await enrolment.approve(self.keys, self.request, self.rid, pending, code)
+        self.device_requests.pop(request_id, None)
+        return cert
+
+    async def ensure_backup(self) -> int:
+        """Store (or check) the user's encrypted key backup; returns its version."""
+        await self._connected.wait()
+        return await enrolment.ensure_backup(self.keys, self.request, self.rid)
 
     async def wait_for_key(self, room: str, timeout: float = 15.0) -> None:
         """Wait until this device holds the room's current epoch key (after being added,

@@ -1,8 +1,9 @@
 """The device's key store: one JSON file per user, mode 0600, replaced atomically.
 
-Holds the user identity key (on the first device), the device signing key, the current
-X25519 receiving key, and per room: the epoch secrets, the pinned roster (length, head), the
-last seq processed and the message counter. Never logged; ``repr`` is redacted.
+Holds the user identity key (made by the first device; a device approved later gets it from
+the user's encrypted key backup), the backup key and version, the device signing key, the
+current X25519 receiving key, and per room: the epoch secrets, the pinned roster (length,
+head), the last seq processed and the message counter. Never logged; ``repr`` is redacted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from medrelay_protocol.crypto import ReceivingKey, SigningKey, device_id_for
+from medrelay_protocol.errors import MedrelayError
+
+
+class NoIdentity(MedrelayError):
+    """This device does not hold the user's identity key (yet): approve it from another
+    device of the user first (``medrelay_client.enrolment``)."""
 
 
 @dataclass
@@ -64,17 +71,26 @@ class KeyStore:
         path: Path | None,
         *,
         user: str,
-        identity: SigningKey,
+        identity: SigningKey | None,
         device: SigningKey,
         receiving: ReceivingKey,
         rooms: dict[str, RoomKeys] | None = None,
         generation: str = "",
         receiving_since: int = 0,
         retired: list[tuple[ReceivingKey, int]] | None = None,
+        backup_key: bytes | None = None,
+        backup_version: int = 0,
+        attestation: bytes | None = None,
     ) -> None:
         self.path = path
         self.user = user
-        self.identity = identity
+        self._identity = identity
+        self.backup_key = backup_key
+        """The key the user's identity backup is sealed under (shared by approved devices)."""
+        self.backup_version = backup_version
+        """The backup version this device last stored or opened (0: none yet)."""
+        self.attestation = attestation
+        """The institution's attestation of the identity key (first device, at sign-in)."""
         self.device = device
         self.receiving = receiving
         self.rooms: dict[str, RoomKeys] = rooms or {}
@@ -93,12 +109,29 @@ class KeyStore:
     def device_id(self) -> str:
         return device_id_for(self.device.public)
 
+    @property
+    def identity(self) -> SigningKey:
+        """The user identity key; :class:`NoIdentity` on a device not yet approved."""
+        if self._identity is None:
+            raise NoIdentity("this device holds no identity key yet")
+        return self._identity
+
+    @identity.setter
+    def identity(self, key: SigningKey) -> None:
+        self._identity = key
+
+    @property
+    def has_identity(self) -> bool:
+        return self._identity is not None
+
     @classmethod
-    def create(cls, user: str, path: Path | None = None) -> KeyStore:
+    def create(cls, user: str, path: Path | None = None, *, with_identity: bool = True) -> KeyStore:
+        """A new device's keys. The user's first device makes the identity key
+        (``with_identity``); any later device is made without one and approved."""
         store = cls(
             path,
             user=user,
-            identity=SigningKey.generate(),
+            identity=SigningKey.generate() if with_identity else None,
             device=SigningKey.generate(),
             receiving=ReceivingKey.generate(),
         )
@@ -106,16 +139,22 @@ class KeyStore:
         return store
 
     @classmethod
-    def load_or_create(cls, user: str, directory: Path) -> KeyStore:
+    def load_or_create(cls, user: str, directory: Path, *, with_identity: bool = True) -> KeyStore:
         path = directory / "keys.json"
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return cls.create(user, path)
+            return cls.create(user, path, with_identity=with_identity)
         data = json.loads(path.read_text())
+        identity = data.get("identity")
+        backup_key = data.get("backup_key")
+        attestation = data.get("attestation")
         return cls(
             path,
             user=data["user"],
-            identity=SigningKey(bytes.fromhex(data["identity"])),
+            identity=SigningKey(bytes.fromhex(identity)) if identity else None,
+            backup_key=bytes.fromhex(backup_key) if backup_key else None,
+            backup_version=int(data.get("backup_version", 0)),
+            attestation=bytes.fromhex(attestation) if attestation else None,
             device=SigningKey(bytes.fromhex(data["device"])),
             receiving=ReceivingKey(bytes.fromhex(data["receiving"])),
             rooms={k: RoomKeys.from_json(v) for k, v in data["rooms"].items()},
@@ -159,7 +198,10 @@ class KeyStore:
             return
         data = {
             "user": self.user,
-            "identity": self.identity.private_bytes().hex(),
+            "identity": self._identity.private_bytes().hex() if self._identity else None,
+            "backup_key": self.backup_key.hex() if self.backup_key else None,
+            "backup_version": self.backup_version,
+            "attestation": self.attestation.hex() if self.attestation else None,
             "device": self.device.private_bytes().hex(),
             "receiving": self.receiving.private_bytes().hex(),
             "rooms": {k: v.to_json() for k, v in self.rooms.items()},

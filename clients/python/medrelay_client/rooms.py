@@ -98,6 +98,9 @@ class RoomLogic:
         self._replay: dict[str, ReplayGuard] = {}
         self._rids = itertools.count(1)
         self.cert: DeviceCertificate | None = None
+        self.institution_keys: dict[str, bytes] | None = None
+        """Institution id -> attestation key pinned at enrolment (``GET /institutions``):
+        when set, an identity key is pinned into a roster only with a valid attestation."""
         self._epoch_changed = asyncio.Event()
 
     def rid(self) -> str:
@@ -121,6 +124,7 @@ class RoomLogic:
                 identity_key=k.identity.public,
                 certificate=self.cert.raw,
                 bundle=bundle.raw,
+                attestation=k.attestation,
             ),
             Ok,
         )
@@ -210,6 +214,10 @@ class RoomLogic:
         identity = reply.users[0].identity_key if reply.users else None
         if identity is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"{user} has no registered identity")
+        if self.institution_keys is not None:
+            from .enrolment import verify_attestation
+
+            verify_attestation(reply.users[0].attestation, user, identity, self.institution_keys)
         params: dict[str, Any] = {"user": user, "identity_key": identity, "role": role}
         if history_from_seq is not None:
             params["history_from_seq"] = history_from_seq

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.crypto import SigningKey
+from medrelay_protocol.enrolment import IdentityAttestation
 from medrelay_protocol.errors import RequestError
 
 from .base import Principal
@@ -29,10 +31,35 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+INSTITUTION = "dev"
+
+
 class DevIssuer:
+    """Also the development institution ``dev``: it attests users' first identity keys with
+    an Ed25519 key derived from its secret (so every node given the same key file attests
+    with the same key), served as the ``dev`` institution by ``GET /institutions``."""
+
     def __init__(self, key: bytes | None = None, *, ttl: int = 3600) -> None:
         self._key = key if key is not None else os.urandom(32)
         self.ttl = ttl
+        seed = hashlib.blake2b(self._key, digest_size=32, person=b"mr-dev-attest").digest()
+        self._attest_key = SigningKey(seed)
+
+    @property
+    def public_key(self) -> bytes:
+        """The ``dev`` institution's attestation public key."""
+        return self._attest_key.public
+
+    async def attest(
+        self, *, user_id: str, identity_key: bytes, institution: str, issued_at: int
+    ) -> bytes:
+        return IdentityAttestation.issue(
+            self._attest_key,
+            user_id=user_id,
+            identity_key=identity_key,
+            institution=institution,
+            issued_at=issued_at,
+        ).raw
 
     def __repr__(self) -> str:
         return "DevIssuer(key=<redacted>)"
@@ -52,7 +79,7 @@ class DevIssuer:
         return cls(key)
 
     def issue(self, user: str, now: int, *, kind: str = "person", ttl: int | None = None) -> str:
-        claims = {"sub": user, "inst": "dev", "kind": kind, "exp": now + (ttl or self.ttl)}
+        claims = {"sub": user, "inst": INSTITUTION, "kind": kind, "exp": now + (ttl or self.ttl)}
         body = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
         return f"{PREFIX}{body}.{_b64(mac)}"
@@ -73,4 +100,4 @@ class DevIssuer:
             raise RequestError(ErrorCode.AUTH_FAILED, "invalid token")
         if now >= exp:
             raise RequestError(ErrorCode.TOKEN_EXPIRED, "token expired")
-        return Principal(user=user, institution="dev", kind=kind, expires_at=exp)
+        return Principal(user=user, institution=INSTITUTION, kind=kind, expires_at=exp)

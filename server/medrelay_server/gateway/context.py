@@ -8,11 +8,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from medrelay_protocol.canonical import pack_body, unpack_body
 from medrelay_protocol.codes import ErrorCode
-from medrelay_protocol.errors import RequestError
-from medrelay_protocol.frames import Frame, GetDevices, Ok, Reauth, RegisterDevice
+from medrelay_protocol.errors import FrameError, RequestError
+from medrelay_protocol.frames import (
+    ApprovalStatus,
+    DeviceRequest,
+    Frame,
+    GetDevices,
+    Ok,
+    Reauth,
+    RegisterDevice,
+    RequestApproval,
+)
 
 from ..auth.base import IdentityProvider
 from ..clock import Clock
@@ -22,13 +32,30 @@ from ..journal.delivery import DeliveryJournal
 from ..metrics import Metrics
 from ..ratelimit import TokenBucket
 from ..settings import Settings
-from ..store.base import AuditRecord, Store
+from ..store.base import ApprovalRecord, AuditRecord, Store
 from .connection import Connection
 
 log = logging.getLogger(__name__)
 
 HandlerFn = Callable[["Gateway", Connection, Any], Awaitable[None]]
-UNREGISTERED_OK = (RegisterDevice, GetDevices)
+
+
+class Attester(Protocol):
+    """An institution's identity attestation signer (``institutions.ExternalSender``,
+    ``auth.dev.DevIssuer``)."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    async def attest(
+        self, *, user_id: str, identity_key: bytes, institution: str, issued_at: int
+    ) -> bytes: ...
+
+
+UNREGISTERED_OK = (RegisterDevice, GetDevices, RequestApproval)
+APPROVAL_TOPIC = "approval:"
+"""Broker topic per user: ``[kind, request id]`` with kind ``request`` (tell the user's
+registered devices) or ``approved`` (tell the requesting device), on every node."""
 
 
 @dataclass
@@ -44,6 +71,21 @@ class Gateway:
     journal: DeliveryJournal
     handlers: dict[type[Frame], HandlerFn] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    approval_ttl: int = 600
+    """Seconds a device approval request lives (``request_approval``)."""
+    max_pending_approvals: int = 4
+    """Unapproved live requests per user; one more is ``TOO_MANY_REQUESTS``."""
+    attesters: dict[str, Attester] = field(default_factory=dict)
+    """Institution id -> who vouches for its users' first identity keys (its key checks
+    ``register_device.attestation``). Set by ``create_app``."""
+    self_attesting: frozenset[str] = frozenset()
+    """Institutions whose attester runs in this process and attests at registration when
+    the device brings no attestation: only the development issuer (``dev``), whose token
+    *is* the sign-in."""
+    require_attestation: bool = False
+    """Refuse a first identity key without an attestation (``ATTESTATION_REQUIRED``). True
+    whenever institutions are configured; False only for an app wired with bare tokens and
+    no institutions (some tests), which then pins on first use."""
 
     async def handle(self, conn: Connection, frame: Frame) -> None:
         handler = self.handlers.get(type(frame))
@@ -91,6 +133,8 @@ class Gateway:
         self.registry.add(conn)
         self.metrics.connections.inc()
         await self.delivery.attach_user(conn)
+        if len(tuple(self.registry.of_user(conn.user))) == 1:
+            await self.broker.subscribe(APPROVAL_TOPIC + conn.user, self._on_approval_notice)
         await self.journal_auth(conn.user, conn.device, "success", None, source=source)
 
     async def disconnect(self, conn: Connection) -> None:
@@ -98,10 +142,49 @@ class Gateway:
         self.registry.remove(conn)
         if not tuple(self.registry.of_user(conn.user)):
             self._announce_offline(conn)
+            await self.broker.unsubscribe(APPROVAL_TOPIC + conn.user, self._on_approval_notice)
         self.metrics.connections.dec()
         await self.delivery.detach(conn)
         if self.registry.device_count(conn.device) == 0:
             self.buckets.pop(conn.device, None)
+
+    async def announce_approval(self, user: str, kind: str, request: str) -> None:
+        """Tell every node (this one included) about a new or approved device request."""
+        await self.broker.publish(APPROVAL_TOPIC + user, pack_body([kind, request]))
+
+    async def _on_approval_notice(self, topic: str, payload: bytes) -> None:
+        from medrelay_protocol import codec
+
+        user = topic[len(APPROVAL_TOPIC) :]
+        try:
+            kind, request = unpack_body(payload)
+        except (FrameError, ValueError, TypeError):
+            return
+        conns = tuple(self.registry.of_user(user))
+        if not conns or not isinstance(request, str):
+            return
+        record = await self.store.get_request(request)
+        if record is None or record.user != user:
+            return
+        if kind == "request" and not record.approved:
+            data = codec.encode(
+                DeviceRequest(
+                    request=record.id,
+                    device=record.device_id,
+                    device_key=record.device_key,
+                    bundle=record.bundle,
+                    created_at=record.created_at,
+                    expires_at=record.expires_at,
+                )
+            )
+            for conn in conns:  # only certified devices may approve; never the requester
+                if conn.registered and not conn.closed and conn.device != record.device_id:
+                    conn.enqueue(data)
+        elif kind == "approved" and record.approved:
+            data = codec.encode(approval_status(record, await self.store.get_identity(user)))
+            for conn in conns:
+                if conn.device == record.device_id and not conn.closed:
+                    conn.enqueue(data)
 
     def _announce_offline(self, conn: Connection) -> None:
         from medrelay_protocol import codec
@@ -165,3 +248,22 @@ class Gateway:
             ts=self.clock.now(),
             **kw,
         )
+
+
+def approval_status(
+    record: ApprovalRecord, identity_key: bytes | None, rid: str | None = None
+) -> ApprovalStatus:
+    """What the requesting device is told about its request."""
+    if not record.approved:
+        return ApprovalStatus(
+            rid=rid, request=record.id, state="pending", expires_at=record.expires_at
+        )
+    return ApprovalStatus(
+        rid=rid,
+        request=record.id,
+        state="approved",
+        expires_at=record.expires_at,
+        identity_key=identity_key,
+        certificate=record.certificate,
+        backup_share=record.backup_share,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from medrelay_protocol import frames as f
 
 from ..gateway.context import HandlerFn
-from . import blobs, devices, grants, messages, rooms
+from . import blobs, devices, enrolment, grants, messages, rooms
 
 HANDLERS: dict[type[f.Frame], HandlerFn] = {
     f.RegisterDevice: devices.handle_register_device,
@@ -25,4 +25,9 @@ HANDLERS: dict[type[f.Frame], HandlerFn] = {
     f.ReadMarker: messages.handle_read_marker,
     f.Presence: messages.handle_presence,
     f.GrantHistory: grants.handle_grant_history,
+    f.RequestApproval: enrolment.handle_request_approval,
+    f.ListApprovals: enrolment.handle_list_approvals,
+    f.ApproveDevice: enrolment.handle_approve_device,
+    f.PutBackup: enrolment.handle_put_backup,
+    f.GetBackup: enrolment.handle_get_backup,
 }

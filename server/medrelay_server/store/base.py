@@ -121,6 +121,33 @@ class DeviceRecord:
     last_seen: int | None = None
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class ApprovalRecord:
+    """A new device's request for approval, and once approved what the approver sent."""
+
+    id: str
+    user: str
+    device_id: str
+    device_key: bytes
+    bundle: bytes
+    created_at: int
+    expires_at: int
+    certificate: bytes | None = None
+    backup_share: bytes | None = None
+    approved_by: str | None = None
+    approved_at: int | None = None
+
+    @property
+    def approved(self) -> bool:
+        return self.certificate is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"ApprovalRecord(id={self.id!r}, user={self.user!r}, device={self.device_id!r}, "
+            f"approved={self.approved})"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class MembershipChange:
     """The effect of one verified roster entry on the membership table.
@@ -183,11 +210,57 @@ class Store(Protocol):
         """Raise ``StoreUnavailable`` unless a round trip to the database succeeds."""
 
     # identities and devices -------------------------------------------------------------
-    async def put_identity(self, user: str, identity_key: bytes, now: int) -> None:
-        """Pin a user's identity key the first time; a different key later raises
-        ``ALREADY_EXISTS`` (changing an identity key is an administrator action)."""
+    async def put_identity(
+        self, user: str, identity_key: bytes, now: int, attestation: bytes | None = None
+    ) -> None:
+        """Pin a user's identity key the first time (with the institution's attestation of
+        it, kept and served beside it); a different key later raises ``ALREADY_EXISTS``
+        (changing an identity key is an administrator action)."""
 
     async def get_identity(self, user: str) -> bytes | None: ...
+
+    async def get_attestation(self, user: str) -> bytes | None:
+        """The attestation stored with the pinned identity key, if any."""
+
+    # device approvals and key backups (``store/enrolment.py``) ---------------------------
+    async def request_approval(
+        self,
+        *,
+        request_id: str,
+        user: str,
+        device_id: str,
+        device_key: bytes,
+        bundle: bytes,
+        now: int,
+        ttl: int,
+        max_pending: int,
+    ) -> ApprovalRecord:
+        """The live request of (user, device) or a new one with ``request_id``; the user must
+        have a pinned identity key (``FORBIDDEN``); at most ``max_pending`` unapproved live
+        requests per user (``TOO_MANY_REQUESTS``)."""
+
+    async def pending_requests(self, user: str, now: int) -> list[ApprovalRecord]: ...
+
+    async def get_request(self, request_id: str) -> ApprovalRecord | None: ...
+
+    async def approve_request(
+        self,
+        *,
+        user: str,
+        request_id: str,
+        certificate: bytes,
+        backup_share: bytes,
+        approver: str,
+        now: int,
+    ) -> ApprovalRecord:
+        """``UNKNOWN_REQUEST`` / ``REQUEST_EXPIRED`` / ``ALREADY_EXISTS``."""
+
+    async def put_backup(
+        self, user: str, *, version: int, blob: bytes, device: str, now: int
+    ) -> None:
+        """Compare-and-set on ``version`` (stored + 1, else ``BACKUP_CONFLICT``)."""
+
+    async def get_backup(self, user: str) -> tuple[int, bytes] | None: ...
 
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or refresh (certificate, bundle) of a device; the signing key of an

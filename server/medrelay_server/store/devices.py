@@ -28,9 +28,20 @@ def _insert_if_absent(conn: AsyncConnection, table: sa.Table, **values: Any) -> 
     return insert(table).values(**values).on_conflict_do_nothing()
 
 
-async def put_identity(conn: AsyncConnection, user: str, identity_key: bytes, now: int) -> None:
+async def put_identity(
+    conn: AsyncConnection,
+    user: str,
+    identity_key: bytes,
+    now: int,
+    attestation: bytes | None = None,
+) -> None:
     stmt = _insert_if_absent(
-        conn, t.identities, user_id=user, identity_key=identity_key, created_at=now
+        conn,
+        t.identities,
+        user_id=user,
+        identity_key=identity_key,
+        created_at=now,
+        attestation=attestation,
     )
     if (await conn.execute(stmt)).rowcount == 1:
         return
@@ -43,6 +54,12 @@ async def get_identity(conn: AsyncConnection, user: str) -> bytes | None:
     i = t.identities.c
     key = (await conn.execute(sa.select(i.identity_key).where(i.user_id == user))).scalar()
     return None if key is None else bytes(key)
+
+
+async def get_attestation(conn: AsyncConnection, user: str) -> bytes | None:
+    i = t.identities.c
+    raw = (await conn.execute(sa.select(i.attestation).where(i.user_id == user))).scalar()
+    return None if raw is None else bytes(raw)
 
 
 async def put_device(conn: AsyncConnection, device: DeviceRecord) -> None:

@@ -99,6 +99,34 @@ identities = sa.Table(
     sa.Column("user_id", sa.Text, primary_key=True),
     sa.Column("identity_key", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # the institution's signed attestation of the first key (NULL: pinned before 0006)
+    sa.Column("attestation", sa.LargeBinary, nullable=True),
+)
+
+key_backups = sa.Table(
+    "key_backups",
+    metadata,
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_by", sa.Text, nullable=False),
+)
+
+approval_requests = sa.Table(
+    "approval_requests",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, nullable=False, index=True),
+    sa.Column("device_id", sa.Text, nullable=False),
+    sa.Column("device_key", sa.LargeBinary, nullable=False),
+    sa.Column("bundle", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("certificate", sa.LargeBinary, nullable=True),
+    sa.Column("backup_share", sa.LargeBinary, nullable=True),
+    sa.Column("approved_by", sa.Text, nullable=True),
+    sa.Column("approved_at", sa.BigInteger, nullable=True),
 )
 
 devices = sa.Table(

@@ -30,11 +30,12 @@ from medrelay_protocol.errors import RequestError
 from sqlalchemy import exc as sa_exc
 
 from ..clock import Clock, SystemClock
-from . import blobs, devices, messages, rooms
+from . import blobs, devices, enrolment, messages, rooms
 from . import schema as t
 from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
 from .base import (
     AppendResult,
+    ApprovalRecord,
     AuditRecord,
     Commit,
     DeviceRecord,
@@ -182,13 +183,86 @@ class SqlStore:
             await conn.execute(sa.select(1))
 
     # identities and devices -------------------------------------------------------------
-    async def put_identity(self, user: str, identity_key: bytes, now: int) -> None:
+    async def put_identity(
+        self, user: str, identity_key: bytes, now: int, attestation: bytes | None = None
+    ) -> None:
         async with self._db.write() as conn:
-            await devices.put_identity(conn, user, identity_key, now)
+            await devices.put_identity(conn, user, identity_key, now, attestation)
 
     async def get_identity(self, user: str) -> bytes | None:
         async with self._db.read() as conn:
             return await devices.get_identity(conn, user)
+
+    async def get_attestation(self, user: str) -> bytes | None:
+        async with self._db.read() as conn:
+            return await devices.get_attestation(conn, user)
+
+    # device approvals and key backups ---------------------------------------------------
+    async def request_approval(
+        self,
+        *,
+        request_id: str,
+        user: str,
+        device_id: str,
+        device_key: bytes,
+        bundle: bytes,
+        now: int,
+        ttl: int,
+        max_pending: int,
+    ) -> ApprovalRecord:
+        async with self._db.write() as conn:
+            return await enrolment.request_approval(
+                conn,
+                request_id=request_id,
+                user=user,
+                device_id=device_id,
+                device_key=device_key,
+                bundle=bundle,
+                now=now,
+                ttl=ttl,
+                max_pending=max_pending,
+            )
+
+    async def pending_requests(self, user: str, now: int) -> list[ApprovalRecord]:
+        async with self._db.read() as conn:
+            return await enrolment.pending_requests(conn, user, now)
+
+    async def get_request(self, request_id: str) -> ApprovalRecord | None:
+        async with self._db.read() as conn:
+            return await enrolment.get_request(conn, request_id)
+
+    async def approve_request(
+        self,
+        *,
+        user: str,
+        request_id: str,
+        certificate: bytes,
+        backup_share: bytes,
+        approver: str,
+        now: int,
+    ) -> ApprovalRecord:
+        async with self._db.write() as conn:
+            return await enrolment.approve(
+                conn,
+                user=user,
+                request_id=request_id,
+                certificate=certificate,
+                backup_share=backup_share,
+                approver=approver,
+                now=now,
+            )
+
+    async def put_backup(
+        self, user: str, *, version: int, blob: bytes, device: str, now: int
+    ) -> None:
+        async with self._db.write() as conn:
+            await enrolment.put_backup(
+                conn, user=user, version=version, blob=blob, device=device, now=now
+            )
+
+    async def get_backup(self, user: str) -> tuple[int, bytes] | None:
+        async with self._db.read() as conn:
+            return await enrolment.get_backup(conn, user)
 
     async def put_device(self, device: DeviceRecord) -> None:
         async with self._db.write() as conn:
