@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -25,8 +26,11 @@ def build_app(settings: Settings) -> Starlette:
     from .auth.base import IdentityProvider
     from .auth.dev import DevIssuer
     from .clock import SystemClock
+    from .devices_admin import retire_job
     from .fanout.base import Broker
     from .fanout.memory import InMemoryBroker
+    from .gateway.connection import Connection
+    from .gateway.context import Gateway
     from .journal.anchoring import AnchorService
     from .journal.retention import retention_job
     from .signin import IdentityStack, build_identity
@@ -71,7 +75,13 @@ def build_app(settings: Settings) -> Starlette:
     jobs = [lease_job(store)]
     if settings.purge_interval_hours > 0:
         jobs.append(retention_job(store, settings, clock))
-    return create_app(
+
+    def live() -> Iterable[Connection]:  # the gateway exists once create_app has returned
+        gateway: Gateway = app.state.gateway
+        return gateway.registry.all()
+
+    jobs.append(retire_job(store, settings, clock, connections=live))
+    app = create_app(
         settings,
         store=store,
         broker=broker,
@@ -81,6 +91,7 @@ def build_app(settings: Settings) -> Starlette:
         anchors=anchors,
         background=jobs,
     )
+    return app
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -113,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         purge_interval_hours=args.purge_interval_hours,
         anchor_interval_seconds=args.anchor_interval_seconds,
         dev_key_file=Path(args.dev_key_file) if args.dev_key_file else None,
+        device_retire_after_seconds=args.device_retire_after_days * 86400,
     )
     app = build_app(settings)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
@@ -148,6 +160,49 @@ def _new_generation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke_device(args: argparse.Namespace) -> int:
+    from medrelay_protocol.errors import RequestError
+
+    from .clock import SystemClock
+    from .devices_admin import admin_revoke
+    from .store.base import NodeLeaseHeld
+
+    default_db = Path(args.data_dir) / "medrelay.sqlite3"
+    if not args.database_url and not default_db.exists():
+        print(f"medrelay admin: no database at {default_db}", file=sys.stderr)
+        return 2
+    reason = args.reason.strip()
+    if not 0 < len(reason) <= 200:
+        print("medrelay admin: --reason must be 1 to 200 characters", file=sys.stderr)
+        return 2
+    url = Settings(data_dir=Path(args.data_dir), database_url=args.database_url)
+    try:
+        done = asyncio.run(
+            admin_revoke(
+                url.resolved_database_url(),
+                args.device,
+                reason=reason,
+                now=SystemClock().now(),
+                schema=args.database_schema,
+                node_id=args.node_id,
+            )
+        )
+    except RequestError as exc:
+        print(f"medrelay admin: {exc.message or exc.code.name}", file=sys.stderr)
+        return 1
+    except NodeLeaseHeld as exc:
+        print(f"medrelay admin: {exc} (another admin command? use --node-id)", file=sys.stderr)
+        return 1
+    if done is None:
+        print(f"device {args.device} was already revoked; running nodes are told again")
+        return 0
+    print(
+        f"device {done.device} of {done.user} revoked; {len(done.rooms)} rooms pending a rekey; "
+        "running nodes close its connections"
+    )
+    return 0
+
+
 def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env = os.environ.get
     admin = sub.add_parser("admin", help="operator actions on the database")
@@ -155,10 +210,22 @@ def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     gen = actions.add_parser(
         "new-generation", help="after restoring a backup: make clients check for rollbacks"
     )
-    gen.add_argument("--data-dir", default=env("MEDRELAY_DATA_DIR", "medrelay-data"))
-    gen.add_argument("--database-url", default=env("MEDRELAY_DATABASE_URL"))
-    gen.add_argument("--database-schema", default=env("MEDRELAY_DATABASE_SCHEMA"))
     gen.set_defaults(func=_new_generation)
+    revoke = actions.add_parser(
+        "revoke-device", help="revoke a lost or stolen device: cut off, rooms rekeyed"
+    )
+    revoke.add_argument("--device", required=True, help="the device id (as the user's app shows)")
+    revoke.add_argument("--reason", default="revoked by an administrator")
+    revoke.add_argument(
+        "--node-id",
+        default="admin",
+        help="the journal writer stream of this command (never a running gateway's id)",
+    )
+    revoke.set_defaults(func=_revoke_device)
+    for p in (gen, revoke):
+        p.add_argument("--data-dir", default=env("MEDRELAY_DATA_DIR", "medrelay-data"))
+        p.add_argument("--database-url", default=env("MEDRELAY_DATABASE_URL"))
+        p.add_argument("--database-schema", default=env("MEDRELAY_DATABASE_SCHEMA"))
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -209,6 +276,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--dev-key-file",
         default=env("MEDRELAY_DEV_KEY_FILE"),
         help="development issuer key shared by nodes (default: in the data directory)",
+    )
+    serve.add_argument(
+        "--device-retire-after-days",
+        type=float,
+        default=float(env("MEDRELAY_DEVICE_RETIRE_AFTER_DAYS", "90")),
+        help="retire (revoke) devices unseen for this many days; 0 disables (same on every node)",
     )
     serve.add_argument("--dev-issuer", action="store_true", help="enable the development issuer")
     serve.set_defaults(func=_serve)

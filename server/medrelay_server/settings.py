@@ -43,11 +43,17 @@ class Settings:
     """Ciphertext, wraps and attachments older than this are deleted (per-room overrides)."""
     journal_retention_days: float | None = 7 * 365.0
     purge_interval_hours: float = 24.0
+    """How often this node runs the retention purge; 0 disables it (run it on one node)."""
     anchor_interval_seconds: float = 60.0
     """How often this node signs and witnesses the journal heads; 0 disables (in a cluster
     one anchoring process signs for all nodes, with the key kept off the gateways)."""
     dev_key_file: Path | None = None
-    """How often this node runs the retention purge; 0 disables it (run it on one node)."""
+    device_retire_after_seconds: float = 90 * 86_400.0
+    """A device neither connected nor seen for this long is retired (revoked, its rooms
+    pending a rekey); 0 disables. Use the same value on every node."""
+    device_check_interval_seconds: float = 30.0
+    """How often this node closes live connections of devices revoked elsewhere (the bound
+    when the revocation's PostgreSQL NOTIFY did not reach it, and on SQLite)."""
     limits: Limits = field(default_factory=Limits)
 
     def resolved_database_url(self) -> str:

@@ -36,6 +36,7 @@ from .connection import Connection
 from .context import Gateway
 
 log = logging.getLogger(__name__)
+TOUCH_AT_CLOSE_SECONDS = 5.0
 
 
 class Closing(Exception):
@@ -100,6 +101,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     finally:
         if conn is not None:
             await gw.disconnect(conn)
+            if conn.registered:
+                await _touch(gw, conn.device, timeout=TOUCH_AT_CLOSE_SECONDS)
 
 
 async def _receive_frame(ws: WebSocket, gw: Gateway) -> tuple[bytes | None, str | None]:
@@ -174,6 +177,8 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         generation = await read_generation() if read_generation is not None else None
     except StoreUnavailable as exc:
         raise Closing(CloseCode.UNAVAILABLE, "try again shortly", ErrorCode.UNAVAILABLE) from exc
+    if known is not None:  # the one write of the handshake
+        await _touch(gw, hello.device)
     conn = Connection(
         user=principal.user,
         device=hello.device,
@@ -204,6 +209,16 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
     )
     conn.enqueue(codec.encode(welcome))
     return conn
+
+
+async def _touch(gw: Gateway, device: str, *, timeout: float | None = None) -> None:
+    """Record that the device was seen now (when a connection opens and closes), so that
+    only devices really unseen are retired (``devices_admin``). Best effort: last seen is
+    advisory, and the node's lifecycle job touches its live connections periodically."""
+    try:
+        await asyncio.wait_for(gw.store.touch_device(device, gw.clock.now()), timeout)
+    except Exception as exc:
+        log.warning("could not record a device as seen (%s)", type(exc).__name__)
 
 
 async def _reject(gw: Gateway, user: str, hello: Hello, why: str) -> None:
