@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ROOM_TOPIC = "room:"
 USER_TOPIC = "user:"
 RECEIVE_KINDS_FOR_DEVICE_ROLE = frozenset({"roster", "rekey"})
+NOTIFY_GRACE_SECONDS = 0.1
+"""How long a database notification waits for the broker to deliver the same event."""
 
 
 def event_frame(ev: StoredEvent) -> bytes:
@@ -99,18 +101,27 @@ def parse_effects(ev: StoredEvent) -> Effects:
 
 
 class Registry:
-    """The connections of this node, by user."""
+    """The connections of this node, by user (and counted by device)."""
 
     def __init__(self) -> None:
         self.by_user: dict[str, set[Connection]] = {}
+        self._per_device: dict[str, int] = {}
 
     def add(self, conn: Connection) -> None:
-        self.by_user.setdefault(conn.user, set()).add(conn)
+        conns = self.by_user.setdefault(conn.user, set())
+        if conn not in conns:
+            conns.add(conn)
+            self._per_device[conn.device] = self._per_device.get(conn.device, 0) + 1
 
     def remove(self, conn: Connection) -> None:
         conns = self.by_user.get(conn.user)
-        if conns is not None:
+        if conns is not None and conn in conns:
             conns.discard(conn)
+            left = self._per_device[conn.device] - 1
+            if left:
+                self._per_device[conn.device] = left
+            else:
+                del self._per_device[conn.device]
             if not conns:
                 del self.by_user[conn.user]
 
@@ -118,7 +129,7 @@ class Registry:
         return tuple(self.by_user.get(user, ()))
 
     def device_count(self, device: str) -> int:
-        return sum(1 for conns in self.by_user.values() for c in conns if c.device == device)
+        return self._per_device.get(device, 0)
 
     def all(self) -> Iterable[Connection]:
         return tuple(c for conns in self.by_user.values() for c in conns)
@@ -151,6 +162,8 @@ class Delivery:
         self.generation: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
+        self._notified: dict[str, int] = {}
+        self.notify_grace = NOTIFY_GRACE_SECONDS
 
     # subscriptions ---------------------------------------------------------------------
     async def attach_user(self, conn: Connection) -> None:
@@ -276,8 +289,21 @@ class Delivery:
             await self._fill_gap(hub, seq)
 
     def notify(self, room: str, seq: int) -> None:
-        """Synchronous entry for database notifications: schedule :meth:`wake`."""
-        if room in self.hubs:
+        """Synchronous entry for database notifications: schedule :meth:`wake` after
+        ``notify_grace`` seconds, one per room however many notifications arrive meanwhile.
+        The NOTIFY is a backstop for a lost broker publish; it usually arrives before this
+        node has even published its own send, and waking at once would read from the
+        database what the broker is about to deliver (bench.costs: one read per send)."""
+        if room not in self.hubs:
+            return
+        target = self._notified.get(room)
+        self._notified[room] = seq if target is None else max(target, seq)
+        if target is None:
+            asyncio.get_running_loop().call_later(self.notify_grace, self._wake_notified, room)
+
+    def _wake_notified(self, room: str) -> None:
+        seq = self._notified.pop(room, None)
+        if seq is not None:
             self._spawn(self.wake(room, seq))
 
     async def poll_forever(self, interval: float) -> None:
