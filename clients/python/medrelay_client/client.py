@@ -259,9 +259,17 @@ class Client:
 
     # requests ----------------------------------------------------------------------------
     async def request(self, frame: Frame, expect: type[Any], *, timeout: float = 30) -> Any:
-        if self.session is None:
+        session = self.session
+        if session is None:
             raise SessionClosed(None, "not connected")
-        return await self.session.request(frame, expect, timeout=timeout)
+        try:
+            return await session.request(frame, expect, timeout=timeout)
+        except SessionClosed:
+            # the socket is gone before the run loop noticed: callers that wait for a
+            # connection must wait for the reconnect, not spin on a dead session
+            if self.session is session:
+                self._connected.clear()
+            raise
 
     def rid(self) -> str:
         assert self.session is not None
