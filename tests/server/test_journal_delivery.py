@@ -19,12 +19,16 @@ T = 1_800_000_000
 class Sink:
     def __init__(self) -> None:
         self.batches: list[list[AuditRecord]] = []
+        self.receipts: list[list[tuple[str, str, int, int]]] = []
         self.down = False
 
-    async def journal(self, records: Sequence[AuditRecord]) -> None:
+    async def journal(
+        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+    ) -> None:
         if self.down:
             raise StoreUnavailable("database unavailable")
         self.batches.append(list(records))
+        self.receipts.append(list(receipts))
 
     @property
     def records(self) -> list[AuditRecord]:
@@ -155,3 +159,39 @@ async def test_overflow_while_down_is_journaled(clock: FakeClock) -> None:
     assert (gap.action, gap.outcome) == ("journal_gap", "failure")
     assert gap.detail is not None and gap.detail.startswith("2 ")
     assert [r.room for r in kept] == ["c", "d", "e"]
+
+
+async def test_receipts_are_stored_with_the_flush_and_survive_a_failed_one(
+    clock: FakeClock,
+) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    dj.record_receipt("bob", "bob-1", "r", 4, T, previous=0)
+    dj.record_receipt("bob", "bob-1", "r", 7, T + 1, previous=4)  # the newer one is kept
+    dj.record_receipt("bob", "bob-2", "r", 2, T + 1, previous=0)
+    sink.down = True
+    with pytest.raises(StoreUnavailable):
+        await dj.flush()
+    dj.record_receipt("bob", "bob-2", "r", 3, T + 2, previous=2)  # arrives during the outage
+    sink.down = False
+    assert await dj.flush() == 3  # the failed batch's ranges, then the newer one
+    assert sorted(sink.receipts[-1]) == [("r", "bob-1", 7, T + 1), ("r", "bob-2", 3, T + 2)]
+    assert sorted(ranges(sink.records)) == [
+        ("receipt", "bob-1", "r", 1, 7),
+        ("receipt", "bob-2", "r", 1, 2),
+        ("receipt", "bob-2", "r", 3, 3),
+    ]
+    flushes = len(sink.batches)
+    assert await dj.flush() == 0 and len(sink.batches) == flushes  # nothing left to write
+
+
+async def test_held_receipts_are_bounded(clock: FakeClock) -> None:
+    sink = Sink()
+    sink.down = True
+    dj = DeliveryJournal(sink, clock, max_tracked=10, max_buffered=10)
+    for i in range(50):
+        dj.record_receipt("bob", f"dev-{i}", "r", 1, T, previous=0)
+        with pytest.raises(StoreUnavailable):
+            await dj.flush()
+    assert dj.pending <= 20  # at most max_tracked receipts and max_buffered records held
+    assert len(dj._receipts) == 10

@@ -439,6 +439,23 @@ async def test_receipts_never_go_backwards(store: SqlStore) -> None:
     assert await store.receipt_of(ROOM, "alice-1") == 5
 
 
+async def test_receipts_stored_with_journal_records_never_go_backwards(store: SqlStore) -> None:
+    await store.record_receipt(ROOM, "alice-1", 5, NOW)
+    record = AuditRecord("receipt", "success", user="bob", device="bob-1", room=ROOM, ts=NOW)
+    batch = [
+        (ROOM, "alice-1", 3, NOW + 1),
+        (ROOM, "bob-1", 8, NOW + 1),
+        ("room-2", "bob-1", 2, NOW),
+    ]
+    await store.journal([record], receipts=batch)
+    assert await store.receipt_of(ROOM, "alice-1") == 5  # kept: it is larger
+    assert await store.receipt_of(ROOM, "bob-1") == 8
+    assert await store.receipt_of("room-2", "bob-1") == 2
+    assert [r.action for r in await store.audit_records(room=ROOM)][-1] == "receipt"
+    await store.journal([], receipts=[(ROOM, "bob-1", 9, NOW + 2)])
+    assert await store.receipt_of(ROOM, "bob-1") == 9
+
+
 async def test_identity_pinning(store: SqlStore) -> None:
     assert await store.get_identity("alice") is None
     await store.put_identity("alice", b"i" * 32, NOW)

@@ -106,7 +106,8 @@ async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
     membership check; a receipt for a room the connection does not follow moves nothing.
 
     The device's stored receipt is read once per room and connection and then kept on the
-    connection, so a receipt costs one upsert, and one that moves nothing costs nothing."""
+    connection; a receipt that moves it forward is stored with the next flush of the
+    delivery journal (batched), and one that moves nothing costs nothing."""
     cursor = conn.cursors.get(frame.room)
     if cursor is None:
         return
@@ -116,12 +117,11 @@ async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
         before = conn.acked[frame.room] = await gw.store.receipt_of(frame.room, conn.device)
     if seq <= before:
         return
-    after = await gw.store.record_receipt(frame.room, conn.device, seq, gw.clock.now())
-    conn.acked[frame.room] = after
-    if after > before:  # journaled in batches: one record per contiguous range per device
-        gw.journal.record_acked(
-            conn.user, conn.device, frame.room, after, gw.clock.now(), previous=before
-        )
+    conn.acked[frame.room] = seq
+    # stored and journaled in the delivery journal's next flush (one transaction for many)
+    gw.journal.record_receipt(
+        conn.user, conn.device, frame.room, seq, gw.clock.now(), previous=before
+    )
 
 
 async def handle_sync(gw: Gateway, conn: Connection, frame: Sync) -> None:

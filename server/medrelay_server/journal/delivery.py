@@ -37,8 +37,14 @@ DELIVER = "deliver"
 RECEIPT = "receipt"
 
 
+Receipt = tuple[str, str, int, int]
+"""A device's cumulative receipt to store: (room, device, seq, ts)."""
+
+
 class JournalSink(Protocol):
-    async def journal(self, records: Sequence[AuditRecord]) -> None: ...
+    async def journal(
+        self, records: Sequence[AuditRecord], *, receipts: Sequence[Receipt] = ()
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -86,6 +92,7 @@ class DeliveryJournal:
         self._open: dict[_Key, _Range] = {}
         self._closed: list[AuditRecord] = []
         self._acked: dict[tuple[str, str], int] = {}
+        self._receipts: dict[tuple[str, str], tuple[int, int]] = {}
         self._oldest_ms: int | None = None
         self._lost = 0
         self._wake = asyncio.Event()
@@ -96,7 +103,21 @@ class DeliveryJournal:
 
     @property
     def pending(self) -> int:
-        return len(self._open) + len(self._closed)
+        return len(self._open) + len(self._closed) + len(self._receipts)
+
+    def record_receipt(
+        self, user: str, device: str, room: str, seq: int, ts: int, *, previous: int
+    ) -> None:
+        """``device`` acknowledged everything up to ``seq`` (more than ``previous``, its
+        stored receipt as the caller knows it): journaled like :meth:`record_acked`, and
+        the stored receipt moved forward in the same flush. A receipt is advisory (it only
+        spares re-delivery), so storing it within a flush interval is enough."""
+        key = (room, device)
+        held = self._receipts.get(key)
+        if held is None or seq > held[0]:
+            self._receipts[key] = (seq, ts)
+        self.record_acked(user, device, room, seq, ts, previous=previous)
+        self._added()
 
     def record_written(self, user: str, device: str, room: str, seq: int, ts: int) -> None:
         """Seq ``seq`` of ``room`` was written to ``device``'s socket at ``ts``."""
@@ -147,13 +168,17 @@ class DeliveryJournal:
             lost = self._lost
             if lost:
                 batch.insert(0, _gap_record(lost, self._clock.now()))
-            if not batch:
+            receipts = self._receipts
+            if not batch and not receipts:
                 return 0
             opened, closed = self._open, self._closed
             self._open, self._closed, self._oldest_ms, self._lost = {}, [], None, 0
+            self._receipts = {}
+            stored = [(room, device, seq, ts) for (room, device), (seq, ts) in receipts.items()]
             try:
-                await self._sink.journal(batch)
+                await self._sink.journal(batch, receipts=stored)
             except BaseException:
+                self._restore_receipts(receipts)
                 self._restore(opened, closed, lost)
                 raise
             self.flushed.set()
@@ -190,6 +215,17 @@ class DeliveryJournal:
         self._acked[key] = seq
         if len(self._acked) > self._max_tracked:
             del self._acked[next(iter(self._acked))]
+
+    def _restore_receipts(self, failed: dict[tuple[str, str], tuple[int, int]]) -> None:
+        """Receipts are cumulative: a newer one that arrived meanwhile supersedes; at most
+        one is held per (room, device), and past ``max_tracked`` the oldest are forgotten
+        (a forgotten receipt only means a re-delivery the client drops)."""
+        for key, held in failed.items():
+            newer = self._receipts.get(key)
+            if newer is None or newer[0] < held[0]:
+                self._receipts[key] = held
+        while len(self._receipts) > self._max_tracked:
+            del self._receipts[next(iter(self._receipts))]
 
     def _restore(self, opened: dict[_Key, _Range], closed: list[AuditRecord], lost: int) -> None:
         """Put a failed batch back, as closed records, in front of what arrived meanwhile;

@@ -389,7 +389,11 @@ class Store(Protocol):
     async def delete_room_blobs_before(self, room: str, ts: int) -> int: ...
 
     # journal ----------------------------------------------------------------------------
-    async def journal(self, records: Sequence[AuditRecord]) -> None:
-        """Append records outside a send (connections, auth outcomes, deliveries)."""
+    async def journal(
+        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+    ) -> None:
+        """Append records outside a send (connections, auth outcomes, deliveries), and in
+        the same transaction move devices' cumulative receipts ``(room, device, seq, ts)``
+        forward (never backward)."""
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]: ...

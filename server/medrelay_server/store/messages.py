@@ -277,6 +277,41 @@ async def record_receipt(conn: AsyncConnection, room: str, device: str, seq: int
     return int((await conn.execute(upsert)).scalar_one())
 
 
+def _receipt_upsert(dialect: str) -> Any:
+    r = t.receipts.c
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    row = insert(t.receipts).values(
+        room=sa.bindparam("b_room"),
+        device_id=sa.bindparam("b_device"),
+        seq=sa.bindparam("b_seq"),
+        updated_at=sa.bindparam("b_ts"),
+    )
+    newer = row.excluded.seq > r.seq
+    return row.on_conflict_do_update(
+        index_elements=[r.room, r.device_id],
+        set_={
+            "seq": sa.case((newer, row.excluded.seq), else_=r.seq),
+            "updated_at": sa.case((newer, row.excluded.updated_at), else_=r.updated_at),
+        },
+    )
+
+
+_RECEIPT_UPSERT = {d: _receipt_upsert(d) for d in ("postgresql", "sqlite")}
+
+
+async def record_receipts(
+    conn: AsyncConnection, receipts: Sequence[tuple[str, str, int, int]]
+) -> None:
+    """Many devices' cumulative receipts (room, device, seq, ts), each kept only if larger,
+    in the caller's transaction, in key order (concurrent flushes cannot deadlock)."""
+    if receipts:
+        rows = [
+            {"b_room": room, "b_device": device, "b_seq": seq, "b_ts": ts}
+            for room, device, seq, ts in sorted(receipts)
+        ]
+        await conn.execute(_RECEIPT_UPSERT[conn.dialect.name], rows)
+
+
 async def receipt_of(conn: AsyncConnection, room: str, device: str) -> int:
     r = t.receipts.c
     query = sa.select(r.seq).where(r.room == room, r.device_id == device)

@@ -446,8 +446,11 @@ class SqlStore:
             return await blobs.delete_room_blobs_before(conn, room, ts)
 
     # journal ----------------------------------------------------------------------------
-    async def journal(self, records: Sequence[AuditRecord]) -> None:
+    async def journal(
+        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+    ) -> None:
         async with self._db.write() as conn:
+            await messages.record_receipts(conn, receipts)
             await write_audit(conn, self.writer, records)
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
