@@ -20,15 +20,21 @@ class Sink:
     def __init__(self) -> None:
         self.batches: list[list[AuditRecord]] = []
         self.receipts: list[list[tuple[str, str, int, int]]] = []
+        self.seen: list[list[tuple[str, int]]] = []
         self.down = False
 
     async def journal(
-        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+        self,
+        records: Sequence[AuditRecord],
+        *,
+        receipts: Sequence[tuple[str, str, int, int]] = (),
+        seen: Sequence[tuple[str, int]] = (),
     ) -> None:
         if self.down:
             raise StoreUnavailable("database unavailable")
         self.batches.append(list(records))
         self.receipts.append(list(receipts))
+        self.seen.append(list(seen))
 
     @property
     def records(self) -> list[AuditRecord]:
@@ -195,3 +201,19 @@ async def test_held_receipts_are_bounded(clock: FakeClock) -> None:
             await dj.flush()
     assert dj.pending <= 20  # at most max_tracked receipts and max_buffered records held
     assert len(dj._receipts) == 10
+
+
+async def test_seen_devices_and_plain_records_go_with_the_flush(clock: FakeClock) -> None:
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    dj.record_seen("bob-1", T + 5)
+    dj.record_seen("bob-1", T + 3)  # an older time never wins
+    dj.record(AuditRecord("authenticate", "success", user="bob", device="bob-1", ts=T))
+    sink.down = True
+    with pytest.raises(StoreUnavailable):
+        await dj.flush()
+    dj.record_seen("bob-2", T + 6)
+    sink.down = False
+    assert await dj.flush() == 1
+    assert sorted(sink.seen[-1]) == [("bob-1", T + 5), ("bob-2", T + 6)]
+    assert [r.action for r in sink.records] == ["authenticate"]

@@ -135,7 +135,8 @@ class Gateway:
         await self.delivery.attach_user(conn)
         if len(tuple(self.registry.of_user(conn.user))) == 1:
             await self.broker.subscribe(APPROVAL_TOPIC + conn.user, self._on_approval_notice)
-        await self.journal_auth(conn.user, conn.device, "success", None, source=source)
+        # a success is journaled with the next flush, like deliveries (failures at once)
+        self.journal.record(self._auth_record(conn.user, conn.device, "success", None, source))
 
     async def disconnect(self, conn: Connection) -> None:
         await conn.stop()
@@ -220,21 +221,27 @@ class Gateway:
         source: str | None = None,
     ) -> None:
         try:
-            await self.store.journal(
-                [
-                    AuditRecord(
-                        action="authenticate",
-                        outcome=outcome,
-                        user=user,
-                        device=device,
-                        source=source,
-                        detail=detail,
-                        ts=self.clock.now(),
-                    )
-                ]
-            )
+            await self.store.journal([self._auth_record(user, device, outcome, detail, source)])
         except Exception:  # the connection goes on; an unjournaled auth is logged loudly
             log.exception("could not journal an authentication outcome")
+
+    def _auth_record(
+        self,
+        user: str | None,
+        device: str | None,
+        outcome: str,
+        detail: str | None,
+        source: str | None,
+    ) -> AuditRecord:
+        return AuditRecord(
+            action="authenticate",
+            outcome=outcome,
+            user=user,
+            device=device,
+            source=source,
+            detail=detail,
+            ts=self.clock.now(),
+        )
 
     def audit(self, conn: Connection, action: str, **kw: Any) -> AuditRecord:
         """A success record with the connection's actor and source filled in."""

@@ -36,7 +36,6 @@ from .connection import Connection
 from .context import Gateway
 
 log = logging.getLogger(__name__)
-TOUCH_AT_CLOSE_SECONDS = 5.0
 
 
 class Closing(Exception):
@@ -102,7 +101,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         if conn is not None:
             await gw.disconnect(conn)
             if conn.registered:
-                await _touch(gw, conn.device, timeout=TOUCH_AT_CLOSE_SECONDS)
+                gw.journal.record_seen(conn.device, gw.clock.now())
 
 
 async def _receive_frame(ws: WebSocket, gw: Gateway) -> tuple[bytes | None, str | None]:
@@ -172,13 +171,12 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
             "too many connections for this device",
             ErrorCode.TOO_MANY_CONNECTIONS,
         )
-    read_generation = getattr(gw.store, "generation", None)
     try:  # before the connection is registered anywhere: a failure here leaves nothing behind
-        generation = await read_generation() if read_generation is not None else None
+        generation = await _generation(gw)
     except StoreUnavailable as exc:
         raise Closing(CloseCode.UNAVAILABLE, "try again shortly", ErrorCode.UNAVAILABLE) from exc
-    if known is not None:  # the one write of the handshake
-        await _touch(gw, hello.device)
+    if known is not None:  # stored with the delivery journal's next flush
+        gw.journal.record_seen(hello.device, gw.clock.now())
     conn = Connection(
         user=principal.user,
         device=hello.device,
@@ -211,14 +209,20 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
     return conn
 
 
-async def _touch(gw: Gateway, device: str, *, timeout: float | None = None) -> None:
-    """Record that the device was seen now (when a connection opens and closes), so that
-    only devices really unseen are retired (``devices_admin``). Best effort: last seen is
-    advisory, and the node's lifecycle job touches its live connections periodically."""
-    try:
-        await asyncio.wait_for(gw.store.touch_device(device, gw.clock.now()), timeout)
-    except Exception as exc:
-        log.warning("could not record a device as seen (%s)", type(exc).__name__)
+async def _generation(gw: Gateway) -> str | None:
+    """The stream generation this node serves: the one its slow poll last confirmed
+    (``Delivery.check_generation`` closes every connection when it changes), read from the
+    store only until the first poll. A read per handshake cost two transactions."""
+    known = gw.delivery.generation
+    if known is not None:
+        return known
+    read = getattr(gw.store, "generation", None)
+    if read is None:
+        return None
+    current: str = await read()
+    if gw.delivery.generation is None:
+        gw.delivery.generation = current
+    return current
 
 
 async def _reject(gw: Gateway, user: str, hello: Hello, why: str) -> None:

@@ -43,7 +43,11 @@ Receipt = tuple[str, str, int, int]
 
 class JournalSink(Protocol):
     async def journal(
-        self, records: Sequence[AuditRecord], *, receipts: Sequence[Receipt] = ()
+        self,
+        records: Sequence[AuditRecord],
+        *,
+        receipts: Sequence[Receipt] = (),
+        seen: Sequence[tuple[str, int]] = (),
     ) -> None: ...
 
 
@@ -93,6 +97,7 @@ class DeliveryJournal:
         self._closed: list[AuditRecord] = []
         self._acked: dict[tuple[str, str], int] = {}
         self._receipts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._seen: dict[str, int] = {}
         self._oldest_ms: int | None = None
         self._lost = 0
         self._wake = asyncio.Event()
@@ -103,7 +108,18 @@ class DeliveryJournal:
 
     @property
     def pending(self) -> int:
-        return len(self._open) + len(self._closed) + len(self._receipts)
+        return len(self._open) + len(self._closed) + len(self._receipts) + len(self._seen)
+
+    def record(self, record: AuditRecord) -> None:
+        """Any other record that may wait for the next flush (a successful sign-in)."""
+        self._closed.append(record)
+        self._added()
+
+    def record_seen(self, device: str, ts: int) -> None:
+        """A connection of ``device`` opened or closed at ``ts``: its last-seen time is
+        stored with the next flush (advisory: it only decides retirement, in days)."""
+        self._seen[device] = max(ts, self._seen.get(device, ts))
+        self._added()
 
     def record_receipt(
         self, user: str, device: str, room: str, seq: int, ts: int, *, previous: int
@@ -168,17 +184,17 @@ class DeliveryJournal:
             lost = self._lost
             if lost:
                 batch.insert(0, _gap_record(lost, self._clock.now()))
-            receipts = self._receipts
-            if not batch and not receipts:
+            receipts, seen = self._receipts, self._seen
+            if not batch and not receipts and not seen:
                 return 0
             opened, closed = self._open, self._closed
             self._open, self._closed, self._oldest_ms, self._lost = {}, [], None, 0
-            self._receipts = {}
+            self._receipts, self._seen = {}, {}
             stored = [(room, device, seq, ts) for (room, device), (seq, ts) in receipts.items()]
             try:
-                await self._sink.journal(batch, receipts=stored)
+                await self._sink.journal(batch, receipts=stored, seen=sorted(seen.items()))
             except BaseException:
-                self._restore_receipts(receipts)
+                self._restore_receipts(receipts, seen)
                 self._restore(opened, closed, lost)
                 raise
             self.flushed.set()
@@ -216,7 +232,9 @@ class DeliveryJournal:
         if len(self._acked) > self._max_tracked:
             del self._acked[next(iter(self._acked))]
 
-    def _restore_receipts(self, failed: dict[tuple[str, str], tuple[int, int]]) -> None:
+    def _restore_receipts(
+        self, failed: dict[tuple[str, str], tuple[int, int]], seen: dict[str, int]
+    ) -> None:
         """Receipts are cumulative: a newer one that arrived meanwhile supersedes; at most
         one is held per (room, device), and past ``max_tracked`` the oldest are forgotten
         (a forgotten receipt only means a re-delivery the client drops)."""
@@ -226,6 +244,10 @@ class DeliveryJournal:
                 self._receipts[key] = held
         while len(self._receipts) > self._max_tracked:
             del self._receipts[next(iter(self._receipts))]
+        for device, ts in seen.items():
+            self._seen[device] = max(ts, self._seen.get(device, ts))
+        while len(self._seen) > self._max_tracked:
+            del self._seen[next(iter(self._seen))]
 
     def _restore(self, opened: dict[_Key, _Range], closed: list[AuditRecord], lost: int) -> None:
         """Put a failed batch back, as closed records, in front of what arrived meanwhile;

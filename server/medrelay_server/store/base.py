@@ -390,10 +390,14 @@ class Store(Protocol):
 
     # journal ----------------------------------------------------------------------------
     async def journal(
-        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+        self,
+        records: Sequence[AuditRecord],
+        *,
+        receipts: Sequence[tuple[str, str, int, int]] = (),
+        seen: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Append records outside a send (connections, auth outcomes, deliveries), and in
         the same transaction move devices' cumulative receipts ``(room, device, seq, ts)``
-        forward (never backward)."""
+        forward (never backward) and record devices as seen ``(device, ts)``."""
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]: ...

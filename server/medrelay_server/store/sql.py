@@ -447,10 +447,16 @@ class SqlStore:
 
     # journal ----------------------------------------------------------------------------
     async def journal(
-        self, records: Sequence[AuditRecord], *, receipts: Sequence[tuple[str, str, int, int]] = ()
+        self,
+        records: Sequence[AuditRecord],
+        *,
+        receipts: Sequence[tuple[str, str, int, int]] = (),
+        seen: Sequence[tuple[str, int]] = (),
     ) -> None:
         async with self._db.write() as conn:
             await messages.record_receipts(conn, receipts)
+            for device, ts in sorted(seen):
+                await devices.touch_device(conn, device, ts)
             await write_audit(conn, self.writer, records)
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
