@@ -175,6 +175,15 @@ class DeviceEnrolment:
     def request_id(self) -> str | None:
         return self.status.request if self.status is not None else None
 
+    async def pinned_identity(self) -> bytes | None:
+        """Connect (the session :meth:`request` then uses) and ask which identity key the
+        server has pinned for this user: ``None`` means no device of the user is registered
+        yet. The server's word, used only to decide whether to ask for approval; what the
+        device ends up trusting is still checked in :meth:`wait_approved`."""
+        if self.session is None:
+            self.session = await Session.open(self.url, await self.token_provider(), self.keys)
+        return await pinned_identity(self.session, self.keys.user)
+
     async def request(self) -> ApprovalStatus:
         """Connect and ask the user's devices for approval (again: the same request)."""
         now = int(time.time())
@@ -270,6 +279,17 @@ async def fetch_attestation(session: Session, user: str) -> bytes | None:
         GetDevices(rid=session.next_rid(), users=(user,)), Devices
     )
     return reply.users[0].attestation if reply.users else None
+
+
+async def pinned_identity(session: Session, user: str) -> bytes | None:
+    """The identity key the server has pinned for ``user`` (``None``: none yet). Works on a
+    session of a device that is not registered yet."""
+    from medrelay_protocol.frames import Devices, GetDevices
+
+    reply: Devices = await session.request(
+        GetDevices(rid=session.next_rid(), users=(user,)), Devices
+    )
+    return reply.users[0].identity_key if reply.users else None
 
 
 def verify_attestation(
