@@ -53,7 +53,7 @@ def _py_spy(system: System, out: Path) -> subprocess.Popen[bytes] | None:
     exe = Path(sys.executable).with_name("py-spy")
     if not exe.exists() or system.server is None:
         return None
-    argv = [str(exe), "record", "--format", "raw", "--rate", "200", "--gil", "--nonblocking"]
+    argv = [str(exe), "record", "--format", "raw", "--rate", "500", "--gil", "--nonblocking"]
     argv += ["-o", str(out), "--pid", str(system.server.pid)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the sends-only window (A) and summarise"
     )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="medrelay-costs-"))
@@ -157,7 +158,10 @@ def main() -> None:
             system.stop()
         out.append(f"\n{label}, {args.messages:.0f} sends/s, {args.seconds:.0f} s windows")
         out += [f"  {value:>14}  {what}" for what, value in rows]
-    shutil.rmtree(workdir, ignore_errors=True)
+    if args.keep:
+        out.append(f"\nkept: {workdir} (py-spy raw profiles: sends-<database>.txt)")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     print("\n".join(out))
 
 

@@ -216,6 +216,36 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 
 
+@contextlib.asynccontextmanager
+async def raw_errors() -> AsyncIterator[None]:
+    """Around statements sent straight to asyncpg (bypassing SQLAlchemy, so its error
+    wrapping): a lost connection or a retryable SQLSTATE becomes ``StoreUnavailable``,
+    like :func:`unavailable_on_db_error` does for SQLAlchemy's errors."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreUnavailable("database unavailable") from exc
+    except Exception as exc:
+        module = type(exc).__module__ or ""
+        if not module.startswith("asyncpg"):
+            raise
+        sqlstate = str(getattr(exc, "sqlstate", None) or "")
+        lost = type(exc).__name__ in _ASYNCPG_LOST
+        if lost or sqlstate[:2] in _RETRYABLE_SQLSTATE_CLASSES:
+            raise StoreUnavailable("database unavailable") from exc
+        raise
+
+
+_ASYNCPG_LOST = frozenset(
+    {
+        "ConnectionDoesNotExistError",
+        "InterfaceError",
+        "InternalClientError",
+        "ConnectionFailureError",
+    }
+)
+
+
 @contextlib.contextmanager
 def unavailable_on_db_error() -> Iterator[None]:
     """Translate failures to reach (or keep using) the database into ``StoreUnavailable``."""
