@@ -13,11 +13,12 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import db, scenarios
@@ -29,6 +30,8 @@ from .system import System
 from .topology import Sizes, build
 
 ALL = ("consult", "vitals", "revocation", "storm", "connections")
+OPT_IN = ("cluster",)  # not in the default run: it would take the full run past 15 minutes
+CLUSTER_ROOMS = {True: 10, False: 20}  # rooms of 10 for ``cluster``: quick, full
 
 QUICK = (
     Sizes(
@@ -93,10 +96,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scenarios",
         nargs="+",
-        choices=ALL,
+        choices=ALL + OPT_IN,
         default=list(ALL),
         metavar="NAME",
-        help=f"any of {', '.join(ALL)} (default: all)",
+        help=f"any of {', '.join(ALL + OPT_IN)} (default: all but {', '.join(OPT_IN)}); "
+        "cluster: one medrelay node against two over Redis (PostgreSQL)",
     )
     p.add_argument(
         "--databases",
@@ -110,6 +114,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=("sqlite", "postgres"),
         default="postgres",
         help="back-end for vitals, revocation, storm and connections (default: postgres)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=db.REDIS_URL,
+        help="broker for the cluster scenario (default $BENCH_REDIS or %(default)s)",
     )
     p.add_argument("--workers", type=int, default=2, help="load-generator processes per system")
     p.add_argument(
@@ -135,61 +144,67 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="medrelay-bench-"))
     want = set(args.scenarios)
     databases = list(dict.fromkeys(args.databases))
+    pg_ok = asyncio.run(db.pg_available())
     if "postgres" in databases or args.primary == "postgres":
-        if not asyncio.run(db.pg_available()):
+        if not pg_ok:
             log(f"PostgreSQL not reachable at {db.ADMIN_DSN}: medrelay runs on SQLite only")
             databases = [d for d in databases if d != "postgres"] or ["sqlite"]
             args.primary = "sqlite"
     if args.primary not in databases:
         databases.append(args.primary)
-    extra = bool(want - {"consult"})
+    extra = bool(want - {"consult", "cluster"})
     log(f"bench: {'quick' if args.quick else 'full'} run, open-file limit {nofile}, in {workdir}")
 
-    systems: list[System] = [
-        System(
-            "bare relay",
-            "baseline",
-            build(sizes, medrelay=False, consult="consult" in want, extra=extra),
-            workdir,
-            workers=args.workers,
-        )
-    ]
-    for d in databases:
-        label = f"medrelay ({'PostgreSQL' if d == 'postgres' else 'SQLite'})"
-        primary = d == args.primary
-        topo = build(sizes, medrelay=True, consult="consult" in want, extra=extra and primary)
+    systems: list[System] = []
+    if want - {"cluster"}:
         systems.append(
             System(
-                label,
-                "medrelay",
-                topo,
+                "bare relay",
+                "baseline",
+                build(sizes, medrelay=False, consult="consult" in want, extra=extra),
                 workdir,
                 workers=args.workers,
-                database=d,
-                receipt_interval=args.receipt_interval,
             )
         )
-    base = systems[0]
-    primary_sys = next(s for s in systems[1:] if s.database == args.primary)
+        for d in databases:
+            label = f"medrelay ({'PostgreSQL' if d == 'postgres' else 'SQLite'})"
+            primary = d == args.primary
+            topo = build(sizes, medrelay=True, consult="consult" in want, extra=extra and primary)
+            systems.append(
+                System(
+                    label,
+                    "medrelay",
+                    topo,
+                    workdir,
+                    workers=args.workers,
+                    database=d,
+                    receipt_interval=args.receipt_interval,
+                )
+            )
+        base = systems[0]
+        primary_sys = next(s for s in systems[1:] if s.database == args.primary)
+    cluster_systems = cluster_pair(args, workdir, pg_ok) if "cluster" in want else []
+    every = systems + cluster_systems
     table = Table()
     figures: dict[str, object] = {"quick": args.quick, "sizes": asdict(sizes), "plan": asdict(plan)}
     try:
-        for s in systems:
+        for s in every:
             took = s.start()
-            log(f"  {s.label}: started in {took:.2f} s (pid {s.server.pid if s.server else '?'})")
-        for s in systems:
+            pids = ", ".join(str(x.pid) for x in s.servers)
+            log(f"  {s.label}: started in {took:.2f} s (pid {pids})")
+        for s in every:
             s.spawn_workers()
-        asyncio.run(populate_all(systems))
-        for s in systems:
+        asyncio.run(populate_all(every))
+        for s in every:
             if s.setup_timing:
                 t = ", ".join(f"{k} {v:.1f} s" for k, v in s.setup_timing.items())
                 log(
                     f"  {s.label}: set up {len(s.topo.members)} devices: {t} "
                     f"(server CPU {s.setup_cpu:.1f} s)"
                 )
-        for s, ids in [(s, s.send_setup()) for s in systems]:
+        for s, ids in [(s, s.send_setup()) for s in every]:
             s.gather(ids)
-        for s, ids in [(s, s.send_connect()) for s in systems]:
+        for s, ids in [(s, s.send_connect()) for s in every]:
             c = s.connected(s.gather(ids))
             fails = c["failures"] or ""
             log(f"  {s.label}: {c['up']} devices connected in {c['seconds']:.1f} s {fails}")
@@ -250,8 +265,21 @@ def main(argv: list[str] | None = None) -> int:
             cm = scenarios.connections(primary_sys, plan, n)
             table.connections(primary_sys.label, n, cm, cb)
             figures["connections"] = {"medrelay": asdict(cm), "bare": asdict(cb)}
+        if cluster_systems:
+            log(f"  ({time.monotonic() - t_begin:.0f} s)")
+            log("  cluster: one node, then two nodes over Redis (rooms of 10, PostgreSQL)")
+            one, two = cluster_systems
+            # quick: 1 s steps (a 0.4 s burst hides in the queues at these rates), and one
+            # refinement, so that the ratio is not a power of two
+            cplan = replace(plan, refine=True, step_seconds=max(plan.step_seconds, 1.0))
+            cr = scenarios.cluster(one, two, cplan)
+            table.cluster(CLUSTER_ROOMS[args.quick], cr)
+            figures["cluster"] = {
+                "one node": consult_figures(cr.one),
+                "two nodes": consult_figures(cr.two),
+            }
     finally:
-        for s in systems:
+        for s in every:
             s.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -262,6 +290,43 @@ def main(argv: list[str] | None = None) -> int:
         figures["table"] = table.rows_as_dicts()
         args.json.write_text(json.dumps(figures, indent=2, default=str))
     return 0
+
+
+def cluster_pair(args: argparse.Namespace, workdir: Path, pg_ok: bool) -> list[System]:
+    """The ``cluster`` scenario's systems: one medrelay node, and two nodes of one deployment,
+    each on a fresh PostgreSQL database and the same Redis broker. Room and user names carry
+    a per-run, per-system prefix: medrelay's broker topics are named after them, and both
+    systems (and anything else on that Redis) share one pub/sub namespace."""
+    if not pg_ok or not db.redis_available(args.redis_url):
+        log(f"cluster: needs PostgreSQL ({db.ADMIN_DSN}) and Redis ({args.redis_url}); skipped")
+        return []
+    sizes = Sizes(
+        consult10_rooms=CLUSTER_ROOMS[args.quick],
+        consult50_rooms=0,
+        wards=0,
+        tablets_per_ward=0,
+        clinicians_per_ward=0,
+        removals=0,
+    )
+    tag = os.urandom(3).hex()
+    out = []
+    for nodes in (1, 2):
+        topo = build(sizes, medrelay=True, extra=False, prefix=f"k{tag}n{nodes}-")
+        out.append(
+            System(
+                f"medrelay {nodes} node{'s' if nodes > 1 else ''} (PostgreSQL, Redis)",
+                "medrelay",
+                topo,
+                workdir,
+                workers=args.workers,
+                database="postgres",
+                receipt_interval=args.receipt_interval,
+                nodes=nodes,
+                broker_url=args.redis_url,
+                breakdown=True,
+            )
+        )
+    return out
 
 
 async def populate_all(systems: list[System]) -> None:

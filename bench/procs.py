@@ -149,12 +149,14 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def medrelay_argv(port: int, data_dir: Path, database_url: str | None) -> list[str]:
+def medrelay_argv(
+    port: int, data_dir: Path, database_url: str | None, extra: tuple[str, ...] = ()
+) -> list[str]:
     exe = Path(sys.executable).with_name("medrelay")
     argv = [str(exe), "serve", "--dev-issuer", "--port", str(port), "--data-dir", str(data_dir)]
     if database_url:
         argv += ["--database-url", database_url]
-    return argv
+    return argv + list(extra)
 
 
 def baseline_argv(port: int) -> list[str]:
@@ -182,3 +184,51 @@ def cpu_seconds_path(path: str) -> float:
         stat = fh.read()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ------------------------------------------------------------------ where a machine's CPU goes
+def machine_busy() -> float:
+    """CPU seconds every core of the machine spent busy so far (``/proc/stat``: all but
+    idle and iowait)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds so far of ``root``, of its children that exited (reaped: ``cutime`` +
+    ``cstime``) and of its live children. For PostgreSQL's postmaster this is the whole
+    server: every backend (also those a connection pool opened and closed meanwhile), the
+    WAL writer, the checkpointer; every database on it."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2 :].split()
+        pid, ppid = int(entry), int(f[1])
+        if pid == root:
+            total += sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
+        elif ppid == root:
+            total += (int(f[11]) + int(f[12])) / CLK_TCK
+    return total
+
+
+def find_redis(port: int) -> int | None:
+    """The pid of the ``redis-server`` listening on ``port`` (its process title names it)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "redis-server" in cmd and f":{port}" in cmd:
+            return int(entry)
+    return None

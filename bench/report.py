@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .scenarios import ConnectionsResult, ConsultResult, RevocationResult, StormResult, pct
+from .scenarios import (
+    ClusterResult,
+    ConnectionsResult,
+    ConsultResult,
+    RevocationResult,
+    StormResult,
+    pct,
+)
 from .stats import Window
 
 
@@ -61,6 +68,74 @@ class Table:
             lat3(m.half),
             lat3(b.half),
             ratio(m99, b99),
+        )
+
+    def cluster(self, rooms: int, r: ClusterResult) -> None:
+        """Two medrelay nodes over Redis against one: the two-node figure stands in the
+        medrelay column, the one-node figure in the baseline column, the ratio is two/one."""
+        scen = (
+            f"cluster, {rooms} rooms of 10, (PostgreSQL + Redis): 2 nodes; "
+            "baseline column: 1 node (ratio 2/1)"
+        )
+        two, one = r.two, r.one
+        tr = two.best.rate if two.best else math.nan
+        orate = one.best.rate if one.best else math.nan
+        self.add(
+            scen,
+            "max sustained deliveries/s",
+            ("≥ " if two.capped else "") + num(tr),
+            ("≥ " if one.capped else "") + num(orate),
+            ratio(tr, orate),
+        )
+        tc = two.best.per_cpu() if two.best else math.nan
+        oc = one.best.per_cpu() if one.best else math.nan
+        self.add(
+            scen,
+            "deliveries per server CPU-second (at max; 2 nodes: both nodes' CPU)",
+            num(tc),
+            num(oc),
+            ratio(tc, oc),
+        )
+        t99 = two.half.p(0.99) if two.half and two.half.latencies else math.nan
+        o99 = one.half.p(0.99) if one.half and one.half.latencies else math.nan
+        self.add(
+            scen,
+            "p50 / p99 / p99.9 ms at half load (ratio: p99)",
+            lat3(two.half),
+            lat3(one.half),
+            ratio(t99, o99),
+        )
+
+        def busy(w: Window | None) -> str:
+            c = w.cores() if w is not None else {}
+            if not c:
+                return "n/a"
+            return " / ".join(
+                f"{c[k]:.2f}"
+                for k in ("nodes", "generators", "postgres", "redis", "other", "machine")
+            )
+
+        self.add(
+            scen,
+            "cores busy at max: server nodes / generators / PostgreSQL (all) / Redis / other "
+            "/ machine",
+            busy(two.best),
+            busy(one.best),
+            "",
+        )
+
+        def sessions(w: Window | None) -> str:
+            a = w.pg_activity if w is not None else {}
+            if not a.get("samples"):
+                return "n/a"
+            return " / ".join(f"{a[k]:.2f}" for k in ("lock", "active", "in transaction"))
+
+        self.add(
+            scen,
+            "database sessions at max (mean): waiting on a lock / active / waiting for the node",
+            sessions(two.best),
+            sessions(one.best),
+            "",
         )
 
     def vitals(self, system: str, tablets: int, m: Window, b: Window) -> None:

@@ -156,6 +156,29 @@ def consult(system: System, set_name: str, plan: Plan) -> ConsultResult:
     return res
 
 
+# ---------------------------------------------------------------------------- cluster
+@dataclass
+class ClusterResult:
+    one: ConsultResult
+    two: ConsultResult
+
+
+def cluster(one: System, two: System, plan: Plan) -> ClusterResult:
+    """The consult search (rooms of 10) on one medrelay node and then on two nodes of one
+    deployment (same PostgreSQL, same Redis; each room's devices split between the nodes,
+    senders on both). The one-node system is stopped before the two-node search so that its
+    idle server does not share the cores."""
+    log(f"    {one.label}")
+    r1 = consult(one, "consult10", plan)
+    one.stop()
+    log(f"    {two.label}")
+    r2 = consult(two, "consult10", plan)
+    for label, r in (("one node", r1), ("two nodes", r2)):
+        if r.best is not None:
+            log(f"    {label}: best {r.best.describe()}")
+    return ClusterResult(r1, r2)
+
+
 # ---------------------------------------------------------------------------- vitals
 def vitals(system: System, plan: Plan) -> Window:
     """Every tablet sends one small envelope per second into its ward room, with at most

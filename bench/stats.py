@@ -35,6 +35,13 @@ class Window:
     skipped: int = 0  # gated sends not made: the previous one was not yet acknowledged
     receipts: int = 0  # cumulative receipts the devices sent during the window
     commits: int = 0  # database transactions committed meanwhile (PostgreSQL only)
+    sessions: int = 0  # database sessions opened meanwhile (systems with ``cpu_parts``)
+    # mean sessions of the database per state while the window sent (``db.sample_activity``)
+    pg_activity: dict[str, float] = field(default_factory=dict)
+    # where the machine's CPU went over the window (systems that ask for it): CPU seconds
+    # per server node ("node-1", ...), "generators", "postgres", "redis", "machine" (every
+    # core busy), and "wall" (seconds the reading spanned)
+    cpu_parts: dict[str, float] = field(default_factory=dict)
     errors: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, sorted
     first_third_p50: float = math.nan  # median latency of the sends in the first third
@@ -63,14 +70,44 @@ class Window:
     def per_cpu(self) -> float:
         return self.delivered / self.cpu if self.cpu > 0 else math.nan
 
+    def cores(self) -> dict[str, float]:
+        """``cpu_parts`` as cores busy on average (CPU seconds / wall seconds), plus
+        "nodes" (every server node) and "other" (the machine less everything named: the
+        coordinator, the kernel's interrupt work, other users' work)."""
+        wall = self.cpu_parts.get("wall", 0.0)
+        if wall <= 0:
+            return {}
+        out = {k: v / wall for k, v in self.cpu_parts.items() if k != "wall"}
+        out["nodes"] = sum(v for k, v in out.items() if k.startswith("node-"))
+        named = out["nodes"] + sum(out.get(k, 0.0) for k in ("generators", "postgres", "redis"))
+        out["other"] = max(0.0, out.get("machine", 0.0) - named)
+        return out
+
     def describe(self) -> str:
-        return (
+        text = (
             f"offered {self.offered:8.0f}/s delivered {self.delivered}/{self.expected} "
             f"({self.rate:8.0f}/s) acked {self.acked}/{self.sent} "
             f"p50 {self.p(0.5) * 1e3:7.2f} p99 {self.p(0.99) * 1e3:7.2f} "
             f"p99.9 {self.p(0.999) * 1e3:7.2f} ms late {self.late * 1e3:5.0f} ms "
             f"cpu {self.cpu:5.2f}s errors {dict(self.errors)} closed {self.closed}"
         )
+        c = self.cores()
+        if c:
+            nodes = " + ".join(f"{v:.2f}" for k, v in c.items() if k.startswith("node-"))
+            text += (
+                f"\n      cores busy: nodes {nodes}, generators {c['generators']:.2f}, "
+                f"postgres {c['postgres']:.2f}, redis {c['redis']:.2f}, other "
+                f"{c['other']:.2f}; machine {c['machine']:.2f}; database commits "
+                f"{self.commits}, sessions opened {self.sessions}"
+            )
+        a = self.pg_activity
+        if a.get("samples"):
+            text += (
+                f"\n      database sessions (mean of {a['samples']:.0f} samples): waiting on a "
+                f"lock {a['lock']:.2f}, active {a['active']:.2f}, in a transaction waiting "
+                f"for the node {a['in transaction']:.2f}"
+            )
+        return text
 
 
 def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> Window:

@@ -1,5 +1,11 @@
-"""A system under test: one server process, its populated topology, and the load-generator
-processes that act as its devices."""
+"""A system under test: its server process(es), its populated topology, and the
+load-generator processes that act as its devices.
+
+A medrelay system may have several nodes (``nodes=2``, ``broker_url``): separate
+``medrelay serve`` processes on one PostgreSQL database and one Redis, as
+``scripts/cluster.py`` starts them. Load-generator ``w`` then connects its devices to node
+``w % nodes``; devices are dealt to generators round-robin, so a room's members (consecutive
+indexes) are split evenly across the nodes. Server CPU is the sum over the nodes."""
 
 from __future__ import annotations
 
@@ -13,7 +19,16 @@ from medrelay_client.keystore import KeyStore
 from . import db
 from .loadgen import WorkerHandle, call_all
 from .population import populate
-from .procs import Server, baseline_argv, free_port, medrelay_argv
+from .procs import (
+    Server,
+    baseline_argv,
+    cpu_seconds,
+    find_redis,
+    free_port,
+    machine_busy,
+    medrelay_argv,
+    tree_cpu,
+)
 from .stats import Window, join
 from .topology import Topology
 
@@ -29,10 +44,20 @@ class System:
         workers: int,
         database: str = "sqlite",
         receipt_interval: float = 1.0,
+        nodes: int = 1,
+        broker_url: str | None = None,
+        breakdown: bool = False,
     ) -> None:
         self.label, self.kind, self.topo, self.database = label, kind, topo, database
         self.workdir = workdir
-        self.port = free_port()
+        self.nodes, self.broker_url = nodes, broker_url
+        self.breakdown = breakdown  # record where the machine's CPU goes in each window
+        self.ports = [free_port() for _ in range(nodes)]
+        self.port = self.ports[0]
+        self.servers: list[Server] = []
+        self._pg_root: int | None = None  # PostgreSQL's postmaster (0: not on this machine)
+        self._redis_pid: int | None = None
+        self.last_activity: dict[str, float] = {}
         self.pg_name: str | None = None
         self.db_url: str | None = None
         self.data_dir = workdir / label.replace(" ", "-").replace("(", "").replace(")", "")
@@ -53,18 +78,49 @@ class System:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> float:
+        """Start the server (every node of it); returns the seconds it took."""
         if self.medrelay and self.database == "postgres" and self.db_url is None:
             self.pg_name, self.db_url = asyncio.run(db.create_database())
-        self.server = self._server()
-        return self.server.start()
+        t0 = time.monotonic()
+        for i in range(self.nodes):
+            server = self._server(i)
+            self.servers.append(server)  # listed first: ``stop`` ends it even if start fails
+            if i == 0:
+                self.server = server
+            server.start()
+        return time.monotonic() - t0
 
-    def _server(self) -> Server:
-        log = self.data_dir / "server.log"
-        if self.medrelay:
+    def _server(self, i: int = 0) -> Server:
+        if not self.medrelay:
+            log = self.data_dir / "server.log"
+            return Server(self.label, baseline_argv(self.port), self.port, log, http=False)
+        if self.nodes == 1 and self.broker_url is None:
+            log = self.data_dir / "server.log"
             argv = medrelay_argv(self.port, self.data_dir, self.db_url)
             env = {"MEDRELAY_NODE_ID": f"node-{self.node_no}"}
             return Server(self.label, argv, self.port, log, http=True, env=env)
-        return Server(self.label, baseline_argv(self.port), self.port, log, http=False)
+        # one node of a deployment (scripts/cluster.py): its own data directory and node id,
+        # one shared broker and development issuer key (a token works on every node), one
+        # anchoring signer and one retention purge (the first node)
+        data = self.data_dir / f"node-{i + 1}"
+        data.mkdir(parents=True, exist_ok=True)
+        extra: list[str] = ["--dev-key-file", str(self.data_dir / "dev-issuer.key")]
+        if self.broker_url:
+            extra += ["--broker-url", self.broker_url]
+        if i > 0:
+            extra += ["--anchor-interval-seconds", "0", "--purge-interval-hours", "0"]
+        argv = medrelay_argv(self.ports[i], data, self.db_url, tuple(extra))
+        env = {"MEDRELAY_NODE_ID": f"node-{i + 1}"}
+        name = f"{self.label} node {i + 1}"
+        return Server(name, argv, self.ports[i], data / "server.log", http=True, env=env)
+
+    def cpu(self) -> float:
+        """CPU seconds of every node of the server so far."""
+        return sum(s.cpu() for s in self.servers)
+
+    def worker_port(self, w: int) -> int:
+        """The node load-generator ``w`` connects its devices to."""
+        return self.ports[w % self.nodes]
 
     def restart(self) -> float:
         """Start again after ``kill9`` (a replacement process on the same port and data)."""
@@ -106,7 +162,7 @@ class System:
                 worker.send(
                     "setup",
                     system=self.kind,
-                    port=self.port,
+                    port=self.worker_port(w),
                     rooms=self.topo.rooms,
                     members=mine,
                     tokens={m.name: self.tokens[m.name] for m in mine if m.name in self.tokens},
@@ -137,8 +193,8 @@ class System:
         for w in self.workers:
             w.close()
         self.workers = []
-        if self.server is not None:
-            self.server.stop()
+        for server in self.servers:
+            server.stop()
         if self.pg_name is not None:
             try:
                 asyncio.run(db.drop_database(self.pg_name))
@@ -181,8 +237,11 @@ class System:
             ids.append(worker.send("prepare", streams=local, duration=duration))
         for worker, i in zip(self.workers, ids, strict=True):
             worker.recv(i)
+        self.last_activity = {}
+        parts0 = self._cpu_parts() if self.breakdown else {}
+        counters0 = self._pg_counters() if self.breakdown else (0, 0)
         start_at = time.monotonic() + 0.1
-        cpu0 = self.server.cpu()
+        cpu0 = self.cpu()
         ids = [
             worker.send(
                 "run", start_at=start_at, duration=duration, quiet=quiet, max_drain=max_drain
@@ -191,11 +250,22 @@ class System:
         ]
         if during is not None:
             during(start_at)
+        elif self.breakdown and self.pg_name is not None:
+            # the coordinator is idle while the window runs: watch the database's sessions
+            until = start_at + duration
+            self.last_activity = asyncio.run(db.sample_activity(self.pg_name, start_at, until))
         results = [worker.recv(i) for worker, i in zip(self.workers, ids, strict=True)]
-        cpu1 = self.server.cpu()
+        cpu1 = self.cpu()
         win = join(results, self.topo.receivers)
         win.seconds = duration
         win.cpu = cpu1 - cpu0
+        if parts0:
+            parts1 = self._cpu_parts()
+            win.cpu_parts = {k: parts1[k] - parts0[k] for k in parts0}
+            counters1 = self._pg_counters()
+            win.commits = counters1[0] - counters0[0]
+            win.sessions = counters1[1] - counters0[1]
+            win.pg_activity = self.last_activity if during is None else {}
         win.offered = offered
         self.last_results = results
         return win
@@ -206,10 +276,37 @@ class System:
         assert self.server is not None
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            c0 = self.server.cpu()
+            c0 = self.cpu()
             time.sleep(0.2)
-            if self.server.cpu() - c0 < 0.03:
+            if self.cpu() - c0 < 0.03 * self.nodes:
                 break
         states = call_all(self.workers, "state")
         if any(s["closed"] for s in states):
             self.connect()
+
+    def _cpu_parts(self) -> dict[str, float]:
+        """CPU seconds so far per node, load generators, the PostgreSQL server (all of it),
+        Redis, the whole machine; and the monotonic clock (``wall``)."""
+        parts = {f"node-{i + 1}": s.cpu() for i, s in enumerate(self.servers)}
+        parts["generators"] = sum(cpu_seconds(w.proc.pid) for w in self.workers if w.proc.pid)
+        if self._pg_root is None and self.pg_name is not None:
+            self._pg_root = db.postmaster_pid() or 0
+        parts["postgres"] = tree_cpu(self._pg_root) if self._pg_root else 0.0
+        if self._redis_pid is None and self.broker_url:
+            hostport = self.broker_url.split("://", 1)[-1].split("/", 1)[0]
+            port = int(hostport.rsplit(":", 1)[1]) if ":" in hostport else 6379
+            self._redis_pid = find_redis(port) or 0
+        parts["redis"] = 0.0
+        if self._redis_pid:
+            try:
+                parts["redis"] = cpu_seconds(self._redis_pid)
+            except OSError:
+                self._redis_pid = 0
+        parts["machine"] = machine_busy()
+        parts["wall"] = time.monotonic()
+        return parts
+
+    def _pg_counters(self) -> tuple[int, int]:
+        if self.pg_name is None:
+            return 0, 0
+        return asyncio.run(db.pg_counters(self.pg_name))

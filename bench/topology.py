@@ -66,16 +66,20 @@ class Topology:
         return idx
 
 
-def build(sizes: Sizes, *, medrelay: bool, consult: bool = True, extra: bool = True) -> Topology:
+def build(
+    sizes: Sizes, *, medrelay: bool, consult: bool = True, extra: bool = True, prefix: str = ""
+) -> Topology:
     """``consult``: the consult rooms (every database); ``extra``: wards and the revocation
-    room (the primary database only)."""
+    room (the primary database only). ``prefix`` goes before every consult room and user
+    name: systems that share one Redis (``cluster``) must not share a broker topic, and
+    medrelay's topics are named after rooms and users."""
     topo = Topology(medrelay)
     if consult:
         for size, count in ((10, sizes.consult10_rooms), (50, sizes.consult50_rooms)):
             for g in range(count):
-                name = f"consult{size}-{g}"
+                name = f"{prefix}consult{size}-{g}"
                 room = topo._room(name, f"consult{size}")
-                users = [f"c{size}-{g}-{i}" for i in range(size)]
+                users = [f"{prefix}c{size}-{g}-{i}" for i in range(size)]
                 for u in users:
                     topo._member(u, room, f"consult{size}")
                 topo.plans.append(RoomPlan(name, users[0], [(u, "member") for u in users[1:]]))
