@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from medrelay_protocol import policy
 from medrelay_protocol.codes import ErrorCode
+from medrelay_protocol.errors import RequestError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,7 +23,7 @@ from . import schema as t
 from .audit import ChainWriter, write_audit
 from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import raw_errors
-from .rows import EVENT_COLUMNS, event_of, notify_event, refuse
+from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, notify_event, refuse
 
 MESSAGE_KINDS = {
     "message": policy.may_post,
@@ -58,6 +59,10 @@ def _send_statements(dialect: str) -> dict[str, Any]:
             e.sender_device == sa.bindparam("device"),
             e.mid == sa.bindparam("mid"),
         ),
+        "lock_many": sa.select(r.room, r.last_seq, r.epoch, r.pending_rekey)
+        .where(r.room.in_(sa.bindparam("rooms", expanding=True)))
+        .order_by(r.room)
+        .with_for_update(),
         "last_seq": sa.update(t.rooms)
         .where(r.room == sa.bindparam("b_room"))
         .values(last_seq=sa.bindparam("b_seq")),
@@ -72,6 +77,26 @@ _PG_LOCK = (
     " WHERE m.room = $1 AND m.user_id = $2 AND m.to_seq IS NULL)"
     " FROM rooms r WHERE r.room = $1 FOR UPDATE OF r"
 )
+_PG_ROLES = (
+    "SELECT m.room, m.user_id, m.role FROM memberships m"
+    " JOIN unnest($1::text[], $2::text[]) AS k(room, user_id)"
+    " ON m.room = k.room AND m.user_id = k.user_id WHERE m.to_seq IS NULL"
+)
+_PG_STORED = (
+    "SELECT e.room, e.seq, e.kind, e.sender_device, e.sender_user, e.ts, e.payload, e.mid"
+    " FROM events e JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS k(room, device, mid)"
+    " ON e.room = k.room AND e.sender_device = k.device AND e.mid = k.mid"
+)
+_PG_INSERT_MANY = (
+    "INSERT INTO events (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
+    " $6::bigint[], $7::bytea[], $8::bytea[])"
+)
+_PG_LAST_SEQ = (
+    "UPDATE rooms SET last_seq = u.seq FROM unnest($1::text[], $2::bigint[]) AS u(room, seq)"
+    " WHERE rooms.room = u.room"
+)
+_PG_NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 _PG_INSERT = (
     "INSERT INTO events (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (room, sender_device, mid) DO NOTHING"
@@ -192,15 +217,102 @@ class SendBatch:
         await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=seqs)
         return AppendResult(original, duplicate=True)
 
+    async def append_many(
+        self, items: Sequence[dict[str, Any]]
+    ) -> list[AppendResult | RequestError]:
+        """PostgreSQL, a group-commit batch of several sends, in a fixed number of
+        statements whatever its size: lock the batch's rooms (in room order), read the
+        senders' roles, find sends already stored (retries), insert the new events. The
+        checks of :meth:`append` are made per send in memory, in the same order, with the
+        same outcomes; a send retried within the batch is a duplicate of its first copy.
+        A statement failing (e.g. an unforeseen conflict) fails the batch, which the group
+        committer then retries one send at a time."""
+        conn = self._conn
+        rooms = sorted({str(kw["room"]) for kw in items})
+        locked = (await conn.execute(self._sql["lock_many"], {"rooms": rooms})).all()
+        self._pg = (await conn.get_raw_connection()).driver_connection
+        state = {row.room: [row.last_seq, row.epoch, bool(row.pending_rekey)] for row in locked}
+        pairs = sorted({(str(kw["room"]), str(kw["user"])) for kw in items})
+        keys = [(kw["room"], kw["device"], kw["mid"]) for kw in items]
+        async with raw_errors():
+            role_rows = await self._pg.fetch(_PG_ROLES, *map(list, zip(*pairs, strict=True)))
+            stored_rows = await self._pg.fetch(_PG_STORED, *map(list, zip(*keys, strict=True)))
+        roles = {(r[0], r[1]): r[2] for r in role_rows}
+        stored = {(r[0], r[3], bytes(r[7])): _event_of_record(r) for r in stored_rows}
+        new: list[StoredEvent] = []
+        out: list[AppendResult | RequestError] = []
+        for kw in items:
+            try:
+                out.append(await self._plan(kw, state, roles, stored, new))
+            except RequestError as refused:
+                out.append(refused)
+        if new:
+            columns = [[getattr(ev, f) for ev in new] for f in _EVENT_ORDER]
+            async with raw_errors():
+                await self._pg.execute(_PG_INSERT_MANY, *columns)
+        return out
+
+    async def _plan(
+        self,
+        kw: dict[str, Any],
+        state: dict[str, list[Any]],
+        roles: dict[tuple[str, str], str],
+        stored: dict[tuple[str, str, bytes], StoredEvent],
+        new: list[StoredEvent],
+    ) -> AppendResult:
+        room, user, device, mid = kw["room"], kw["user"], kw["device"], kw["mid"]
+        kind, envelope, now = kw["kind"], kw["envelope"], kw["now"]
+        allowed = MESSAGE_KINDS.get(kind)
+        if allowed is None:
+            raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
+        room_state, role = state.get(room), roles.get((room, user))
+        if room_state is None or role is None or not allowed(role):
+            raise refuse(ErrorCode.FORBIDDEN, "may not post")
+        audit = [
+            a if a.role is not None else dataclasses.replace(a, role=role) for a in kw["audit"]
+        ]
+        original = stored.get((room, device, mid))
+        if original is not None:
+            if (original.payload, original.kind, original.sender_user) != (envelope, kind, user):
+                raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
+            seqs = (original.seq, original.seq)
+            await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=seqs)
+            return AppendResult(original, duplicate=True)
+        last_seq, epoch, pending = room_state
+        if kw["epoch"] != epoch:
+            raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
+        if pending and not kw["allow_pending"]:
+            raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
+        seq = room_state[0] = last_seq + 1
+        event = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
+        new.append(event)
+        stored[(room, device, mid)] = event
+        self._last[room] = seq
+        await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=(seq, seq))
+        return AppendResult(event, duplicate=False)
+
     async def finish(self) -> None:
         if not self._last:
             return
-        rows = [{"b_room": room, "b_seq": seq} for room, seq in sorted(self._last.items())]
+        last = sorted(self._last.items())
+        self._last.clear()
+        if self._pg is not None:  # one statement each for every room of the batch
+            rooms, seqs = [room for room, _ in last], [seq for _, seq in last]
+            payloads = [f"{room}\x1f{seq}" for room, seq in last]
+            async with raw_errors():
+                await self._pg.execute(_PG_LAST_SEQ, rooms, seqs)
+                await self._pg.execute(_PG_NOTIFY, EVENTS_CHANNEL, payloads)
+            return
+        rows = [{"b_room": room, "b_seq": seq} for room, seq in last]
         await self._conn.execute(self._sql["last_seq"], rows)
         if self._conn.dialect.name == "postgresql":  # wakes every node if a publish is lost
-            for room, seq in sorted(self._last.items()):
+            for room, seq in last:
                 await notify_event(self._conn, room, seq)
-        self._last.clear()
+
+
+def _event_of_record(r: Any) -> StoredEvent:
+    """An asyncpg record of :data:`_PG_STORED` (columns in ``_EVENT_ORDER`` order)."""
+    return StoredEvent(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]))
 
 
 async def append_message(
