@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from medrelay_server.settings import Limits, Settings
 from medrelay_server.store.lifecycle import REVOKED_CHANNEL
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ..polling import until
 from .conftest import Harness, _harness
 from .rawclient import TIMEOUT, RawClient, close_code_after, connect_ws, hello_for, recv_frame
 
@@ -58,22 +59,13 @@ def live(h: Harness) -> Iterable[Connection]:
     return h.gateway.registry.all()
 
 
-async def until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll a condition of the server until it holds (bounded by the deadline)."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.02)
-
-
 async def until_gone(h: Harness, device: str) -> None:
     """Wait until the server has finished with the device's last connection."""
 
     async def gone() -> bool:
         return not any(c.device == device for c in live(h))
 
-    await until(gone)
+    await until(gone, timeout=TIMEOUT)
 
 
 async def refused_at_handshake(h: Harness, keys: KeyStore) -> tuple[int | None, list[int]]:
@@ -109,7 +101,7 @@ async def test_unseen_device_is_retired_and_a_connected_one_kept(node: Harness) 
         record = await h.store.get_device(his)
         return record is not None and record.last_seen is not None
 
-    await until(touched_at_close)
+    await until(touched_at_close, timeout=TIMEOUT)
     state = await h.store.room_state(room)
     assert state is not None and not state.pending_rekey
     last = state.last_seq
@@ -176,7 +168,7 @@ async def test_admin_revocation_from_the_cli_cuts_off_a_live_connection(node: Ha
             async def listening() -> bool:
                 return await _listeners(h) > listeners
 
-            await until(listening)
+            await until(listening, timeout=TIMEOUT)
         alice = await h.client("alice")
         phone_keys = KeyStore.load_or_create("bob", h.tmp / "keys" / "bob")
         phone = await RawClient.open(h.server.url, phone_keys, h.token("bob"))

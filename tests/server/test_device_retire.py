@@ -6,7 +6,7 @@ across nodes, and live connections of a device revoked elsewhere are closed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,8 @@ from medrelay_server.settings import Settings
 from medrelay_server.store.base import AuditRecord, DeviceRecord
 from medrelay_server.store.lifecycle import REVOKED_CHANNEL
 from medrelay_server.store.sql import SqlStore
+
+from ..polling import until
 
 if TYPE_CHECKING:
     from .conftest import StoreBackend
@@ -88,15 +90,6 @@ async def room_of(store: SqlStore, room: str, owner: str) -> None:
 
 async def actions(store: SqlStore, action: str) -> list[AuditRecord]:
     return [r for r in await store.audit_records() if r.action == action]
-
-
-async def until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll a condition of the store until it holds (bounded)."""
-    async with asyncio.timeout(DEADLINE):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.02)
 
 
 async def test_unseen_device_is_retired_like_a_revocation(store: SqlStore) -> None:
@@ -238,7 +231,7 @@ async def test_the_job_retires_and_touches_on_its_own(store: SqlStore) -> None:
         record = await store.get_device("gus-1")
         return record is not None and record.revoked
 
-    await until(gus_retired)
+    await until(gus_retired, timeout=DEADLINE)
     stop.set()
     async with asyncio.timeout(DEADLINE):
         await task
@@ -287,7 +280,7 @@ async def test_notify_reaches_the_job_at_once(store_backend: StoreBackend) -> No
         async def listening() -> bool:
             return await _listeners(one) > listeners
 
-        await until(listening)
+        await until(listening, timeout=DEADLINE)
         await revoke_device(two, "jon-1", now=clock.now(), reason="stolen")
         assert await live.wait_closed("jon-1") == CloseCode.DEVICE_REVOKED
     finally:
