@@ -74,14 +74,7 @@ class GroupCommitter:
         outcomes: list[AppendResult | RequestError] = []
         async with self._db.write() as conn, self._writer.deferred(conn):
             sends = messages.SendBatch(conn, self._writer)
-            if len(batch) > 1 and conn.dialect.name == "postgresql":
-                outcomes = await sends.append_many([kw for kw, _ in batch])
-            else:
-                for kw, _ in batch:
-                    try:
-                        outcomes.append(await sends.append(**kw))
-                    except RequestError as refused:
-                        outcomes.append(refused)
+            outcomes = await sends.append_many([kw for kw, _ in batch])
             await sends.finish()
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():

@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
 from .audit import ChainWriter, write_audit
-from .base import AppendResult, AuditRecord, StoredEvent
+from .base import AppendResult, StoredEvent
 from .engine import raw_errors
-from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, notify_event, refuse
+from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, refuse
 
 MESSAGE_KINDS = {
     "message": policy.may_post,
@@ -34,49 +34,40 @@ KINDS_FOR_NON_RECEIVERS = ("roster", "rekey")
 RECEIVER_ROLES = tuple(role for role in policy.ROLES if policy.may_receive(role))
 
 
-def _send_statements(dialect: str) -> dict[str, Any]:
-    """The send path's statements, built once per dialect with bind parameters: building and
-    cache-keying a Core statement per call cost more than executing it (bench.store_ops)."""
+def _send_statements() -> dict[str, Any]:
+    """The send path's statements, built once with bind parameters: building and cache-keying
+    a Core statement per call cost more than executing it (bench.store_ops)."""
     r, m, e = t.rooms.c, t.memberships.c, t.events.c
-    role = (
-        sa.select(m.role)
-        .where(m.room == sa.bindparam("room"), m.user_id == sa.bindparam("user"))
-        .where(m.to_seq.is_(None))
-        .scalar_subquery()
-    )
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    columns = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
     return {
-        # the room row locked (PostgreSQL; SQLite holds the write lock) with the sender's role
-        "lock": sa.select(r.last_seq, r.epoch, r.pending_rekey, role)
-        .where(r.room == sa.bindparam("room"))
-        .with_for_update(of=t.rooms),
-        "insert": insert(t.events)
-        .values({c: sa.bindparam(c) for c in columns})
-        .on_conflict_do_nothing(index_elements=["room", "sender_device", "mid"]),
-        "original": sa.select(*EVENT_COLUMNS).where(
-            e.room == sa.bindparam("room"),
-            e.sender_device == sa.bindparam("device"),
-            e.mid == sa.bindparam("mid"),
-        ),
-        "lock_many": sa.select(r.room, r.last_seq, r.epoch, r.pending_rekey)
+        # the batch's room rows, locked in room order (PostgreSQL; SQLite holds the write
+        # lock already)
+        "lock": sa.select(r.room, r.last_seq, r.epoch, r.pending_rekey)
         .where(r.room.in_(sa.bindparam("rooms", expanding=True)))
         .order_by(r.room)
         .with_for_update(),
+        # a superset of the senders' current roles and of the batch's stored sends (the
+        # caller picks its exact keys); PostgreSQL uses the exact-key statements below
+        "roles": sa.select(m.room, m.user_id, m.role).where(
+            m.to_seq.is_(None),
+            m.room.in_(sa.bindparam("rooms", expanding=True)),
+            m.user_id.in_(sa.bindparam("users", expanding=True)),
+        ),
+        "stored": sa.select(*EVENT_COLUMNS).where(
+            e.room.in_(sa.bindparam("rooms", expanding=True)),
+            e.sender_device.in_(sa.bindparam("devices", expanding=True)),
+            e.mid.in_(sa.bindparam("mids", expanding=True)),
+        ),
+        "insert": sa.insert(t.events),
         "last_seq": sa.update(t.rooms)
         .where(r.room == sa.bindparam("b_room"))
         .values(last_seq=sa.bindparam("b_seq")),
     }
 
 
-_STATEMENTS = {d: _send_statements(d) for d in ("postgresql", "sqlite")}
+_STATEMENTS = _send_statements()
 _EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
-# the same two statements for asyncpg (unqualified names resolve through search_path)
-_PG_LOCK = (
-    "SELECT r.last_seq, r.epoch, r.pending_rekey, (SELECT m.role FROM memberships m"
-    " WHERE m.room = $1 AND m.user_id = $2 AND m.to_seq IS NULL)"
-    " FROM rooms r WHERE r.room = $1 FOR UPDATE OF r"
-)
+# PostgreSQL: the same work straight to asyncpg on the transaction's connection, with exact
+# keys through unnest (unqualified names resolve through search_path)
 _PG_ROLES = (
     "SELECT m.room, m.user_id, m.role FROM memberships m"
     " JOIN unnest($1::text[], $2::text[]) AS k(room, user_id)"
@@ -87,7 +78,7 @@ _PG_STORED = (
     " FROM events e JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS k(room, device, mid)"
     " ON e.room = k.room AND e.sender_device = k.device AND e.mid = k.mid"
 )
-_PG_INSERT_MANY = (
+_PG_INSERT = (
     "INSERT INTO events (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
     " $6::bigint[], $7::bytea[], $8::bytea[])"
@@ -97,148 +88,46 @@ _PG_LAST_SEQ = (
     " WHERE rooms.room = u.room"
 )
 _PG_NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
-_PG_INSERT = (
-    "INSERT INTO events (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (room, sender_device, mid) DO NOTHING"
-)
+
+_Key = tuple[str, str, bytes]  # (room, sender device, mid)
 
 
 class SendBatch:
-    """Sends appended inside one write transaction (a group-commit batch, or a batch of
-    one). Per send: one statement locks the room row and reads the sender's role, one
-    inserts the event (a conflict on ``(room, sender_device, mid)`` is the idempotent
-    retry). Per batch, in :meth:`finish`: each room's ``last_seq`` once, and on PostgreSQL
-    one NOTIFY per room with its newest seq (listeners fill the gap up to it)."""
+    """The sends of one write transaction (a group-commit batch, or a batch of one), in a
+    fixed number of statements whatever the batch's size: lock the batch's rooms (in room
+    order), read the senders' roles, find sends already stored (retries), insert the new
+    events (:meth:`append_many`); then each room's ``last_seq`` and, on PostgreSQL, one
+    NOTIFY per room with its newest seq (:meth:`finish`; listeners fill the gap up to it).
+
+    Each send is checked on its own, in order, in memory: membership before idempotency (a
+    removed user learns nothing, not even the seq of an earlier send), idempotency before
+    the epoch (a retry of a stored send gets its ack even after the epoch moved on). A send
+    retried within the batch is a duplicate of its first copy. On PostgreSQL the statements
+    after the first (which SQLAlchemy sends, beginning the transaction) go straight to
+    asyncpg on the same connection: SQLAlchemy's per-statement Python cost was most of a
+    send's. A statement failing (e.g. an unforeseen conflict) fails the whole batch, which
+    the group committer then retries one send at a time."""
 
     def __init__(self, conn: AsyncConnection, writer: ChainWriter) -> None:
         self._conn = conn
         self._writer = writer
-        self._sql = _STATEMENTS[conn.dialect.name]
         self._last: dict[str, int] = {}
         self._pg: Any = None
         """PostgreSQL: the transaction's asyncpg connection, once SQLAlchemy has begun it."""
 
-    async def _lock(self, room: str, user: str) -> Any:
-        """The room row, locked, with the sender's role. On PostgreSQL the first statement
-        of the transaction goes through SQLAlchemy (which begins it), the rest straight to
-        asyncpg on the same connection: SQLAlchemy's per-statement Python cost was most of
-        a send's (bench.store_ops)."""
-        if self._pg is not None:
-            async with raw_errors():
-                return await self._pg.fetchrow(_PG_LOCK, room, user)
-        params = {"room": room, "user": user}
-        row = (await self._conn.execute(self._sql["lock"], params)).one_or_none()
-        if self._conn.dialect.name == "postgresql":
-            self._pg = (await self._conn.get_raw_connection()).driver_connection
-        return row
-
-    async def _insert(self, values: dict[str, Any]) -> bool:
-        """Insert the event; False if ``(room, sender_device, mid)`` is already stored."""
-        if self._pg is not None:
-            async with raw_errors():
-                status = await self._pg.execute(_PG_INSERT, *(values[c] for c in _EVENT_ORDER))
-            return bool(status == "INSERT 0 1")
-        return bool((await self._conn.execute(self._sql["insert"], values)).rowcount)
-
-    async def append(
-        self,
-        room: str,
-        *,
-        user: str,
-        device: str,
-        mid: bytes,
-        envelope: bytes,
-        kind: str,
-        epoch: int,
-        allow_pending: bool,
-        now: int,
-        audit: Sequence[AuditRecord],
-    ) -> AppendResult:
-        """Membership is checked before idempotency (a removed user learns nothing, not
-        even the seq of an earlier send); idempotency before the epoch, so a retry of a send
-        that was stored returns its ack even after the epoch moved on."""
-        allowed = MESSAGE_KINDS.get(kind)
-        if allowed is None:
-            raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
-        conn = self._conn
-        row = await self._lock(room, user)
-        last_seq, room_epoch, pending, role = row if row is not None else (0, 0, False, None)
-        if role is None or not allowed(role):  # an unknown room alike: ids cannot be probed
-            raise refuse(ErrorCode.FORBIDDEN, "may not post")
-        audit = [a if a.role is not None else dataclasses.replace(a, role=role) for a in audit]
-        if epoch != room_epoch or (pending and not allow_pending):
-            found = await self._duplicate(room, user, device, mid, envelope, kind, now, audit)
-            if found is not None:
-                return found
-            if epoch != room_epoch:
-                raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
-            raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
-        seq = max(last_seq, self._last.get(room, 0)) + 1
-        stored = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
-        values = {
-            "room": room,
-            "seq": seq,
-            "kind": kind,
-            "sender_device": device,
-            "sender_user": user,
-            "ts": now,
-            "payload": envelope,
-            "mid": mid,
-        }
-        if not await self._insert(values):
-            found = await self._duplicate(room, user, device, mid, envelope, kind, now, audit)
-            if found is None:  # a conflict on another key: cannot happen while the room is locked
-                raise refuse(ErrorCode.UNAVAILABLE, "event conflict")
-            return found
-        self._last[room] = seq
-        await write_audit(conn, self._writer, audit, now=now, room=room, seqs=(seq, seq))
-        return AppendResult(stored, duplicate=False)
-
-    async def _duplicate(
-        self,
-        room: str,
-        user: str,
-        device: str,
-        mid: bytes,
-        envelope: bytes,
-        kind: str,
-        now: int,
-        audit: Sequence[AuditRecord],
-    ) -> AppendResult | None:
-        """The stored original of a retried send, journaled again; None if there is none."""
-        params = {"room": room, "device": device, "mid": mid}
-        row = (await self._conn.execute(self._sql["original"], params)).one_or_none()
-        if row is None:
-            return None
-        original = event_of(row)
-        if original.payload != envelope or original.kind != kind or original.sender_user != user:
-            raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
-        seqs = (original.seq, original.seq)
-        await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=seqs)
-        return AppendResult(original, duplicate=True)
-
     async def append_many(
         self, items: Sequence[dict[str, Any]]
     ) -> list[AppendResult | RequestError]:
-        """PostgreSQL, a group-commit batch of several sends, in a fixed number of
-        statements whatever its size: lock the batch's rooms (in room order), read the
-        senders' roles, find sends already stored (retries), insert the new events. The
-        checks of :meth:`append` are made per send in memory, in the same order, with the
-        same outcomes; a send retried within the batch is a duplicate of its first copy.
-        A statement failing (e.g. an unforeseen conflict) fails the batch, which the group
-        committer then retries one send at a time."""
         conn = self._conn
         rooms = sorted({str(kw["room"]) for kw in items})
-        locked = (await conn.execute(self._sql["lock_many"], {"rooms": rooms})).all()
-        self._pg = (await conn.get_raw_connection()).driver_connection
+        locked = (await conn.execute(_STATEMENTS["lock"], {"rooms": rooms})).all()
         state = {row.room: [row.last_seq, row.epoch, bool(row.pending_rekey)] for row in locked}
         pairs = sorted({(str(kw["room"]), str(kw["user"])) for kw in items})
-        keys = [(kw["room"], kw["device"], kw["mid"]) for kw in items]
-        async with raw_errors():
-            role_rows = await self._pg.fetch(_PG_ROLES, *map(list, zip(*pairs, strict=True)))
-            stored_rows = await self._pg.fetch(_PG_STORED, *map(list, zip(*keys, strict=True)))
-        roles = {(r[0], r[1]): r[2] for r in role_rows}
-        stored = {(r[0], r[3], bytes(r[7])): _event_of_record(r) for r in stored_rows}
+        keys = [(str(kw["room"]), str(kw["device"]), bytes(kw["mid"])) for kw in items]
+        if conn.dialect.name == "postgresql":
+            roles, stored = await self._read_pg(pairs, keys)
+        else:
+            roles, stored = await self._read(pairs, keys)
         new: list[StoredEvent] = []
         out: list[AppendResult | RequestError] = []
         for kw in items:
@@ -246,18 +135,55 @@ class SendBatch:
                 out.append(await self._plan(kw, state, roles, stored, new))
             except RequestError as refused:
                 out.append(refused)
-        if new:
+        if new and self._pg is not None:
             columns = [[getattr(ev, f) for ev in new] for f in _EVENT_ORDER]
             async with raw_errors():
-                await self._pg.execute(_PG_INSERT_MANY, *columns)
+                await self._pg.execute(_PG_INSERT, *columns)
+        elif new:
+            rows = [{f: getattr(ev, f) for f in _EVENT_ORDER} for ev in new]
+            await conn.execute(_STATEMENTS["insert"], rows)
         return out
+
+    async def _read_pg(
+        self, pairs: list[tuple[str, str]], keys: list[_Key]
+    ) -> tuple[dict[tuple[str, str], str], dict[_Key, StoredEvent]]:
+        self._pg = (await self._conn.get_raw_connection()).driver_connection
+        async with raw_errors():
+            role_rows = await self._pg.fetch(_PG_ROLES, *map(list, zip(*pairs, strict=True)))
+            stored_rows = await self._pg.fetch(_PG_STORED, *map(list, zip(*keys, strict=True)))
+        roles = {(r[0], r[1]): r[2] for r in role_rows}
+        stored = {(r[0], r[3], bytes(r[7])): _event_of_record(r) for r in stored_rows}
+        return roles, stored
+
+    async def _read(
+        self, pairs: list[tuple[str, str]], keys: list[_Key]
+    ) -> tuple[dict[tuple[str, str], str], dict[_Key, StoredEvent]]:
+        wanted_pairs, wanted_keys = set(pairs), set(keys)
+        params = {"rooms": sorted({p[0] for p in pairs}), "users": sorted({p[1] for p in pairs})}
+        roles = {
+            (r.room, r.user_id): r.role
+            for r in await self._conn.execute(_STATEMENTS["roles"], params)
+            if (r.room, r.user_id) in wanted_pairs
+        }
+        by_key: dict[str, list[Any]] = {
+            "rooms": sorted({k[0] for k in keys}),
+            "devices": sorted({k[1] for k in keys}),
+            "mids": sorted({k[2] for k in keys}),
+        }
+        stored = {}
+        for row in await self._conn.execute(_STATEMENTS["stored"], by_key):
+            event = event_of(row)
+            key = (event.room, event.sender_device, event.mid or b"")
+            if key in wanted_keys:
+                stored[key] = event
+        return roles, stored
 
     async def _plan(
         self,
         kw: dict[str, Any],
         state: dict[str, list[Any]],
         roles: dict[tuple[str, str], str],
-        stored: dict[tuple[str, str, bytes], StoredEvent],
+        stored: dict[_Key, StoredEvent],
         new: list[StoredEvent],
     ) -> AppendResult:
         room, user, device, mid = kw["room"], kw["user"], kw["device"], kw["mid"]
@@ -267,7 +193,7 @@ class SendBatch:
             raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
         room_state, role = state.get(room), roles.get((room, user))
         if room_state is None or role is None or not allowed(role):
-            raise refuse(ErrorCode.FORBIDDEN, "may not post")
+            raise refuse(ErrorCode.FORBIDDEN, "may not post")  # an unknown room alike
         audit = [
             a if a.role is not None else dataclasses.replace(a, role=role) for a in kw["audit"]
         ]
@@ -304,10 +230,7 @@ class SendBatch:
                 await self._pg.execute(_PG_NOTIFY, EVENTS_CHANNEL, payloads)
             return
         rows = [{"b_room": room, "b_seq": seq} for room, seq in last]
-        await self._conn.execute(self._sql["last_seq"], rows)
-        if self._conn.dialect.name == "postgresql":  # wakes every node if a publish is lost
-            for room, seq in last:
-                await notify_event(self._conn, room, seq)
+        await self._conn.execute(_STATEMENTS["last_seq"], rows)
 
 
 def _event_of_record(r: Any) -> StoredEvent:
@@ -320,9 +243,11 @@ async def append_message(
 ) -> AppendResult:
     """One send in its own transaction (the store without group commit)."""
     batch = SendBatch(conn, writer)
-    result = await batch.append(room, **kw)
+    (outcome,) = await batch.append_many([{"room": room, **kw}])
+    if isinstance(outcome, RequestError):
+        raise outcome
     await batch.finish()
-    return result
+    return outcome
 
 
 def _visible_to(user: str) -> sa.ColumnElement[bool]:
