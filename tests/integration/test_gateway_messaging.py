@@ -18,13 +18,16 @@ from medrelay_protocol.frames import (
     GetRoster,
     History,
     HistoryPage,
+    Receipt,
     Send,
     Sync,
     Synced,
 )
 
+from ..polling import until
 from .conftest import Harness
 from .rawclient import (
+    TIMEOUT,
     RawClient,
     collect_until,
     envelope_for,
@@ -252,6 +255,10 @@ async def test_non_member_is_forbidden_send_history_sync(harness: Harness) -> No
         await mallory.request(GetRoster(rid=mallory.rid(), room=room), object)
     assert roster.value.code == ErrorCode.FORBIDDEN
 
+    with pytest.raises(RequestError) as receipt:
+        await mallory.request(Receipt(rid=mallory.rid(), room=room, seq=1), object)
+    assert receipt.value.code == ErrorCode.FORBIDDEN
+
     # mallory's sync of no room delivers nothing of it, and the room still works for members
     synced = await mallory.request(Sync(rid=mallory.rid(), rooms={}), Synced)
     assert room not in synced.heads
@@ -259,3 +266,17 @@ async def test_non_member_is_forbidden_send_history_sync(harness: Harness) -> No
     assert all(ev.sender_user != "mallory" for ev in events)
     await asyncio.wait_for(bob.send_text(room, "still fine"), 10)
     assert texts(await collect_until(alice, "still fine"))[-1] == "still fine"
+
+
+async def test_a_members_receipt_is_stored_with_the_journal_flush(harness: Harness) -> None:
+    alice, bob, room = await _pair(harness)
+    seq = await alice.send_text(room, "acknowledge me")
+    await next_of_kind(bob)  # bob's client acknowledges what it received (cumulative)
+
+    async def stored() -> bool:
+        await harness.gateway.journal.flush()
+        return await harness.store.receipt_of(room, bob.keys.device_id) >= seq
+
+    await until(stored, timeout=TIMEOUT)
+    acked = [r for r in await harness.store.audit_records(room=room) if r.action == "receipt"]
+    assert any(r.device == bob.keys.device_id and (r.seq_to or 0) >= seq for r in acked)

@@ -103,13 +103,15 @@ async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
     """A device can only acknowledge what this connection delivered to it. The room's
     cursor exists only while the connection follows the room as a member (set after the
     membership check of ``sync``, dropped at the removal's seq), so it stands for the
-    membership check; a receipt for a room the connection does not follow moves nothing.
+    membership check; a receipt for a room the connection does not follow moves nothing
+    (and a non-member gets ``FORBIDDEN``, after a read: this is not the common path).
 
     The device's stored receipt is read once per room and connection and then kept on the
     connection; a receipt that moves it forward is stored with the next flush of the
     delivery journal (batched), and one that moves nothing costs nothing."""
     cursor = conn.cursors.get(frame.room)
-    if cursor is None:
+    if cursor is None:  # not followed here: nothing to acknowledge, but a non-member is told
+        await require_member(gw, conn, frame.room)
         return
     seq = min(frame.seq, cursor)
     before = conn.acked.get(frame.room)
