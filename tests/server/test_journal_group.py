@@ -67,3 +67,21 @@ async def test_a_failing_send_does_not_fail_its_batch(store_backend: StoreBacken
     assert all(not isinstance(o, BaseException) for o in outcomes[:5])
     assert isinstance(outcomes[5], Exception) and not isinstance(outcomes[5], RequestError)
     assert (await verify(store.database, [], b"")).ok
+
+
+async def test_a_wrong_remembered_head_falls_back_to_the_locked_row(
+    store_backend: StoreBackend,
+) -> None:
+    """The writer remembers the head it last chained to and, on PostgreSQL, advances it
+    with a conditional update; a hint that no longer matches the row (a transaction that
+    rolled back after chaining, an id taken over) must fall back to locking and reading the
+    row, never fork the chain."""
+    store = await store_backend.open()
+    await new_room(store)
+    await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(5)))
+    store.writer._head = (10_000, b"\x01" * 32)  # as if a chained batch had rolled back
+    await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(5, 10)))
+    await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(10, 15)))
+    sends = [r for r in await store.audit_records() if r.action == "send"]
+    assert len(sends) == 15
+    assert (await verify(store.database, [], b"")).ok

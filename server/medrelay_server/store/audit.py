@@ -100,6 +100,8 @@ class ChainWriter:
         self._lease_seconds = lease_seconds
         self.lease_seconds = lease_seconds
         self._deferred: dict[int, list[AuditRecord]] = {}
+        self._head: tuple[int, bytes] | None = None
+        """(idx, hash) this writer last chained to; only a hint, checked when used."""
 
     async def acquire(self, conn: AsyncConnection) -> int:
         """Lease the node id (inside the caller's write transaction); returns the token."""
@@ -135,6 +137,7 @@ class ChainWriter:
                 conn, token=token, holder=self.holder, lease_until=now + self._lease_seconds
             )
             self.token = token
+        self._head = None
         await self._adopt_unchained(conn)
         return self.token
 
@@ -155,6 +158,7 @@ class ChainWriter:
             .values(holder=None, lease_until=0)
         )
         self.token = None
+        self._head = None
 
     @contextlib.asynccontextmanager
     async def deferred(self, conn: AsyncConnection) -> AsyncIterator[None]:
@@ -167,9 +171,17 @@ class ChainWriter:
             records = self._deferred[key]
         finally:
             del self._deferred[key]
-        await self.append(conn, records)
+        await self.append(conn, records, begun=True)
 
-    async def append(self, conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
+    async def append(
+        self, conn: AsyncConnection, records: Sequence[AuditRecord], *, begun: bool = False
+    ) -> None:
+        """Chain ``records`` after the node's head. ``begun``: the transaction has already
+        run a statement (a group-commit batch), so on PostgreSQL the head this writer last
+        wrote can be advanced with one conditional ``UPDATE`` (node, fencing token and the
+        remembered head must all still match) instead of locking and reading the row first;
+        if it does not match (another transaction of this process rolled back, or the id
+        was taken over), the row is locked and read as usual."""
         if not records:
             return
         pending = self._deferred.get(id(conn))
@@ -179,10 +191,14 @@ class ChainWriter:
         if not self.enabled:
             await conn.execute(sa.insert(t.audit), [audit_values(r) for r in records])
             return
+        if begun and self._head is not None and conn.dialect.name == "postgresql":
+            if await self._append_after_known_head(conn, list(records), *self._head):
+                return
         row = await self._fenced_row(conn)
         entries = chain(
             self.node or "", row.token, row.head_idx, bytes(row.head_hash), list(records)
         )
+        self._head = (entries[-1].idx, entries[-1].hash)
         lease = max(row.lease_until, self._clock.now() + self._lease_seconds)
         if conn.dialect.name == "postgresql":  # the transaction has begun (the row lock)
             pg: Any = (await conn.get_raw_connection()).driver_connection
@@ -201,6 +217,32 @@ class ChainWriter:
             "b_lease": lease,
         }
         await conn.execute(_ADVANCE_HEAD, head)
+
+    async def _append_after_known_head(
+        self, conn: AsyncConnection, records: list[AuditRecord], idx: int, head: bytes
+    ) -> bool:
+        if self.token is None:
+            return False
+        entries = chain(self.node or "", self.token, idx, head, records)
+        lease = self._clock.now() + self._lease_seconds
+        pg: Any = (await conn.get_raw_connection()).driver_connection
+        async with raw_errors():
+            status = await pg.execute(
+                _PG_ADVANCE_KNOWN_HEAD,
+                self.node,
+                self.token,
+                idx,
+                head,
+                entries[-1].idx,
+                entries[-1].hash,
+                lease,
+            )
+            if status != "UPDATE 1":
+                return False
+            rows = [tuple(_chained_values(e)[c] for c in _PG_AUDIT_COLUMNS) for e in entries]
+            await pg.executemany(_PG_INSERT_AUDIT, rows)
+        self._head = (entries[-1].idx, entries[-1].hash)
+        return True
 
     async def _fenced_row(self, conn: AsyncConnection) -> Any:
         if self.node is None:
@@ -261,6 +303,11 @@ _PG_INSERT_AUDIT = (
     " target, source, detail, node, idx, lease, prev_hash, hash, ts_end, role, institution,"
     " address, patient_tag) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
     " $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+)
+_PG_ADVANCE_KNOWN_HEAD = (
+    "UPDATE journal_nodes SET head_idx = $5, head_hash = $6,"
+    " lease_until = GREATEST(lease_until, $7)"
+    " WHERE node = $1 AND token = $2 AND head_idx = $3 AND head_hash = $4"
 )
 _PG_ADVANCE_HEAD = (
     "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"

@@ -83,11 +83,13 @@ _PG_INSERT = (
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
     " $6::bigint[], $7::bytea[], $8::bytea[])"
 )
+# each room's last seq, and a NOTIFY "room \x1f seq" for it, in one round trip
 _PG_LAST_SEQ = (
-    "UPDATE rooms SET last_seq = u.seq FROM unnest($1::text[], $2::bigint[]) AS u(room, seq)"
-    " WHERE rooms.room = u.room"
+    "WITH u AS (UPDATE rooms SET last_seq = v.seq"
+    " FROM unnest($2::text[], $3::bigint[]) AS v(room, seq) WHERE rooms.room = v.room"
+    " RETURNING rooms.room, rooms.last_seq)"
+    " SELECT count(pg_notify($1, u.room || chr(31) || u.last_seq::text)) FROM u"
 )
-_PG_NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 
 _Key = tuple[str, str, bytes]  # (room, sender device, mid)
 
@@ -224,10 +226,8 @@ class SendBatch:
         self._last.clear()
         if self._pg is not None:  # one statement each for every room of the batch
             rooms, seqs = [room for room, _ in last], [seq for _, seq in last]
-            payloads = [f"{room}\x1f{seq}" for room, seq in last]
             async with raw_errors():
-                await self._pg.execute(_PG_LAST_SEQ, rooms, seqs)
-                await self._pg.execute(_PG_NOTIFY, EVENTS_CHANNEL, payloads)
+                await self._pg.fetchval(_PG_LAST_SEQ, EVENTS_CHANNEL, rooms, seqs)
             return
         rows = [{"b_room": room, "b_seq": seq} for room, seq in last]
         await self._conn.execute(_STATEMENTS["last_seq"], rows)
