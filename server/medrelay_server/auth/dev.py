@@ -7,6 +7,7 @@ user name asked for, so it must never face a real network; production uses OIDC 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -69,10 +70,18 @@ class DevIssuer:
         """The key in ``path`` (created 0600 if missing): tokens then survive restarts and
         are accepted by every node given the same file."""
         if not path.exists():
+            # written whole under a private name, then linked into place: nodes started at
+            # once race to create it, and the loser reads the winner's complete key
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(32))
+            staged = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(os.urandom(32))
+                with contextlib.suppress(FileExistsError):
+                    os.link(staged, path)
+            finally:
+                staged.unlink()
         key = path.read_bytes()
         if len(key) != 32:
             raise ValueError(f"{path} does not hold a 32-byte key")
