@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -20,6 +21,7 @@ from .clock import Clock
 from .delivery import Delivery, Registry
 from .fanout.base import Broker
 from .gateway.context import Gateway
+from .gateway.direct import CaptureProtocol
 from .gateway.endpoint import websocket_endpoint
 from .handlers import HANDLERS
 from .journal.anchoring import AnchorService
@@ -151,7 +153,8 @@ def create_app(
         routes.append(Route("/dev/token", _dev_token(identity, clock), methods=["POST"]))
         if signin is None:
             routes.append(Route("/institutions", _dev_institutions(identity), methods=["GET"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # outermost: records uvicorn's own send for the fan-out's direct writes (gateway/direct.py)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CaptureProtocol)])
     app.state.gateway = gateway
     return app
 

@@ -34,6 +34,7 @@ from ..ratelimit import TokenBucket
 from ..store.base import StoreUnavailable
 from .connection import Connection
 from .context import Gateway
+from .direct import direct_writer
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         device_key=hello.device_key,
         kind=principal.kind,
         send_bytes=ws.send_bytes,
+        write_now=direct_writer(ws.scope),
         close_fn=lambda code, reason: ws.close(code=code, reason=reason),
         queue_limit=gw.settings.limits.outbound_queue,
         expires_at=principal.expires_at,

@@ -202,7 +202,7 @@ class ChainWriter:
         lease = max(row.lease_until, self._clock.now() + self._lease_seconds)
         if conn.dialect.name == "postgresql":  # the transaction has begun (the row lock)
             pg: Any = (await conn.get_raw_connection()).driver_connection
-            rows = [tuple(_chained_values(e)[c] for c in _PG_AUDIT_COLUMNS) for e in entries]
+            rows = [pg_audit_row(e) for e in entries]
             async with raw_errors():
                 await pg.executemany(_PG_INSERT_AUDIT, rows)
                 await pg.execute(
@@ -239,7 +239,7 @@ class ChainWriter:
             )
             if status != "UPDATE 1":
                 return False
-            rows = [tuple(_chained_values(e)[c] for c in _PG_AUDIT_COLUMNS) for e in entries]
+            rows = [pg_audit_row(e) for e in entries]
             await pg.executemany(_PG_INSERT_AUDIT, rows)
         self._head = (entries[-1].idx, entries[-1].hash)
         return True
@@ -312,6 +312,17 @@ _PG_ADVANCE_KNOWN_HEAD = (
 _PG_ADVANCE_HEAD = (
     "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"
 )
+
+
+def pg_audit_row(e: ChainEntry) -> tuple[Any, ...]:
+    """One chained row in :data:`_PG_AUDIT_COLUMNS` order, straight from the attributes (a
+    dict per column here was 9% of a loaded server's samples)."""
+    r = e.record
+    return (
+        r.ts, r.action, r.outcome, r.user, r.device, r.room, r.seq_from, r.seq_to, r.mid,
+        r.target, r.source, r.detail, e.node, e.idx, e.lease, e.prev_hash, e.hash, r.ts_end,
+        r.role, r.institution, r.address, r.patient_tag,
+    )  # fmt: skip
 
 
 def _chained_values(entry: ChainEntry) -> dict[str, Any]:

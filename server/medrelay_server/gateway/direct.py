@@ -1,0 +1,67 @@
+"""Writing a frame into the socket without a task step (the live fan-out's fast path).
+
+ASGI's ``send`` is a coroutine: each frame through it costs a writer-task wake-up and a
+few awaits (Starlette's state checks, uvicorn's ``writable`` wait), about as much as the
+rest of a delivery. Under uvicorn's ``websockets-sansio`` protocol (the one ``serve.py``
+configures) that send is, once the socket is open and not paused, three synchronous steps:
+websockets' ``ServerProtocol.send_binary`` frames the bytes, ``data_to_send`` takes them,
+and ``transport.write`` appends them to the socket's buffer. :func:`direct_writer` does
+exactly those steps when they would not wait, and declines (returns False, nothing written)
+otherwise, so the caller falls back to the ASGI send. Framing stays websockets' own.
+
+:class:`CaptureProtocol` is the outermost ASGI middleware: it records the server's own
+``send`` for WebSocket scopes, before Starlette wraps it, under :data:`SCOPE_KEY`. Under any
+other server (or protocol implementation) there is nothing to record and every frame takes
+the ASGI path; ``tests/server/test_direct_write.py`` fails if the configured server stops
+providing the fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+from websockets.protocol import State
+
+SCOPE_KEY = "medrelay.ws_protocol"
+
+
+class CaptureProtocol:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            protocol = getattr(send, "__self__", None)
+            if isinstance(protocol, WebSocketsSansIOProtocol):
+                scope[SCOPE_KEY] = protocol
+        await self.app(scope, receive, send)
+
+
+def direct_writer(scope: Scope) -> Callable[[bytes], bool] | None:
+    """A synchronous binary-frame writer for this WebSocket, or None (no fast path)."""
+    protocol: Any = scope.get(SCOPE_KEY)
+    if protocol is None:
+        return None
+    ws, transport, writable = protocol.conn, protocol.transport, protocol.writable
+
+    def write(data: bytes) -> bool:
+        if (
+            protocol.close_sent
+            or protocol.disconnected
+            or ws.state is not State.OPEN
+            or not writable.is_set()
+            or transport.is_closing()
+        ):
+            return False
+        try:
+            ws.send_binary(data)
+        except InvalidState:
+            return False
+        transport.write(b"".join(ws.data_to_send()))
+        return True
+
+    return write

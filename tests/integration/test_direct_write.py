@@ -1,0 +1,44 @@
+"""The configured server (uvicorn, websockets-sansio) gives every connection the direct write
+of ``gateway/direct.py``, and live deliveries take it: if an upgrade of uvicorn or
+websockets removes the fast path, this fails instead of the fan-out silently slowing down."""
+
+from __future__ import annotations
+
+from medrelay_server.gateway.connection import Connection
+
+from .conftest import Harness
+
+
+def _count_paths(conn: Connection, counts: dict[str, int]) -> None:
+    direct, queued = conn.write_now, conn.send_bytes
+    assert direct is not None
+
+    def write_now(data: bytes) -> bool:
+        ok = direct(data)
+        counts["direct"] += ok
+        return ok
+
+    async def send_bytes(data: bytes) -> None:
+        counts["queued"] += 1
+        await queued(data)
+
+    conn.write_now, conn.send_bytes = write_now, send_bytes
+
+
+async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
+    alice = await harness.client("alice")
+    bob = await harness.client("bob")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    (bob_conn,) = [c for c in harness.gateway.registry.all() if c.user == "bob"]
+    counts = {"direct": 0, "queued": 0}
+    _count_paths(bob_conn, counts)
+    sent = [await alice.send_text(room, f"obs {i}") for i in range(5)]
+    got: list[int] = []
+    while len(got) < len(sent):
+        m = await bob.next_message()
+        if m.kind == "message":
+            got.append(m.seq)
+    assert got == sent
+    assert counts["direct"] >= len(sent)  # the events, plus any roster frames
+    assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
