@@ -19,6 +19,7 @@ lease of the node id wrote it.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -69,8 +70,86 @@ def record_fields(rec: AuditRecord) -> list[bytes]:
     return [_opt(v) for v in values]
 
 
-def record_hash(node: str, idx: int, lease: int, rec: AuditRecord, prev_hash: bytes) -> bytes:
+def record_hash_generic(
+    node: str, idx: int, lease: int, rec: AuditRecord, prev_hash: bytes
+) -> bytes:
+    """The definition above, spelled with the protocol's generic helpers (tests compare)."""
     return blake2b_256(LABEL, node, idx, lease, *record_fields(rec), prev_hash, person=PERSON)
+
+
+_U32 = struct.Struct(">I").pack
+_U64 = struct.Struct(">Q").pack
+_I64 = struct.Struct(">q").pack
+_LABEL_FIELD = _U32(len(LABEL)) + LABEL
+_ABSENT = _U32(1) + b"\x00"
+_INT_PREFIX = _U32(9) + b"\x01"
+_PERSON16 = PERSON.ljust(16, b"\0")
+
+
+def _opt_field(value: Optional) -> bytes:
+    """``encode_field(_opt(value))`` in one step."""
+    if value is None:
+        return _ABSENT
+    kind = type(value)
+    if kind is int:
+        return _INT_PREFIX + _I64(value)
+    if kind is str:
+        raw = value.encode("utf-8")  # type: ignore[union-attr]
+    elif isinstance(value, bool):
+        raise TypeError("bool is not a journal field")
+    elif isinstance(value, int):
+        return _INT_PREFIX + _I64(value)
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+    else:
+        raw = bytes(value)
+    return _U32(len(raw) + 1) + b"\x01" + raw
+
+
+def _uint_field(value: int) -> bytes:
+    if isinstance(value, bool):
+        raise TypeError("bool is not a signature field")
+    if not 0 <= value < 2**64:
+        raise ValueError("integer field out of range")
+    return b"\x00\x00\x00\x08" + _U64(value)
+
+
+def record_hash(node: str, idx: int, lease: int, rec: AuditRecord, prev_hash: bytes) -> bytes:
+    """:func:`record_hash_generic`, built as one buffer (the journal hashes every record it
+    writes, on the event loop: this is a third of the generic form's cost)."""
+    node_raw = node.encode("utf-8")
+    h = hashlib.blake2b(digest_size=32, person=_PERSON16)
+    h.update(
+        b"".join(
+            (
+                _LABEL_FIELD,
+                _U32(len(node_raw)),
+                node_raw,
+                _uint_field(idx),
+                _uint_field(lease),
+                _opt_field(rec.ts),
+                _opt_field(rec.ts_end),
+                _opt_field(rec.action),
+                _opt_field(rec.outcome),
+                _opt_field(rec.user),
+                _opt_field(rec.device),
+                _opt_field(rec.role),
+                _opt_field(rec.institution),
+                _opt_field(rec.address),
+                _opt_field(rec.room),
+                _opt_field(rec.seq_from),
+                _opt_field(rec.seq_to),
+                _opt_field(rec.mid),
+                _opt_field(rec.target),
+                _opt_field(rec.source),
+                _opt_field(rec.patient_tag),
+                _opt_field(rec.detail),
+                _U32(len(prev_hash)),
+                bytes(prev_hash),
+            )
+        )
+    )
+    return h.digest()
 
 
 @dataclass(frozen=True, slots=True)
