@@ -85,6 +85,16 @@ def entry_of(row: Any) -> ChainEntry:
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class KnownHead:
+    """Records chained after a remembered head: the entries to insert, and the parameters
+    of the conditional head update (``_PG_ADVANCE_KNOWN_HEAD``'s $1..$7)."""
+
+    records: list[AuditRecord]
+    entries: list[ChainEntry]
+    condition: tuple[Any, ...]
+
+
 class ChainWriter:
     """This process's writer stream. ``node`` None makes a read-only store (the audit CLI);
     ``enabled`` False writes unchained rows (the throughput bench's baseline only)."""
@@ -218,30 +228,48 @@ class ChainWriter:
         }
         await conn.execute(_ADVANCE_HEAD, head)
 
+    def take_known_head(self, conn: AsyncConnection) -> KnownHead | None:
+        """PostgreSQL batches: take the records deferred on ``conn`` and chain them after
+        the head this writer last wrote, for the caller to store with its own statement
+        (``_PG_ADVANCE_KNOWN_HEAD``'s condition, then the rows), and then to report with
+        :meth:`settle_known_head`. None (records left where they are) when there is no
+        remembered head or nothing deferred."""
+        pending = self._deferred.get(id(conn))
+        if not pending or not self.enabled or self.token is None or self._head is None:
+            return None
+        records = list(pending)
+        pending.clear()
+        return self._plan_known_head(records, *self._head)
+
+    def settle_known_head(self, conn: AsyncConnection, taken: KnownHead, advanced: bool) -> None:
+        """``advanced``: the conditional head update matched and the rows are in. If it did
+        not match, the records go back to ``conn``'s deferred list, to be chained after the
+        locked row when the batch's :meth:`deferred` block ends."""
+        if advanced:
+            self._head = (taken.entries[-1].idx, taken.entries[-1].hash)
+            return
+        self._head = None
+        self._deferred[id(conn)].extend(taken.records)
+
+    def _plan_known_head(self, records: list[AuditRecord], idx: int, head: bytes) -> KnownHead:
+        entries = chain(self.node or "", self.token or 0, idx, head, records)
+        lease = self._clock.now() + self._lease_seconds
+        condition = (self.node, self.token, idx, head, entries[-1].idx, entries[-1].hash, lease)
+        return KnownHead(records, entries, condition)
+
     async def _append_after_known_head(
         self, conn: AsyncConnection, records: list[AuditRecord], idx: int, head: bytes
     ) -> bool:
         if self.token is None:
             return False
-        entries = chain(self.node or "", self.token, idx, head, records)
-        lease = self._clock.now() + self._lease_seconds
+        taken = self._plan_known_head(records, idx, head)
         pg: Any = (await conn.get_raw_connection()).driver_connection
         async with raw_errors():
-            status = await pg.execute(
-                _PG_ADVANCE_KNOWN_HEAD,
-                self.node,
-                self.token,
-                idx,
-                head,
-                entries[-1].idx,
-                entries[-1].hash,
-                lease,
-            )
+            status = await pg.execute(_PG_ADVANCE_KNOWN_HEAD, *taken.condition)
             if status != "UPDATE 1":
                 return False
-            rows = [pg_audit_row(e) for e in entries]
-            await pg.executemany(_PG_INSERT_AUDIT, rows)
-        self._head = (entries[-1].idx, entries[-1].hash)
+            await pg.executemany(_PG_INSERT_AUDIT, [pg_audit_row(e) for e in taken.entries])
+        self._head = (taken.entries[-1].idx, taken.entries[-1].hash)
         return True
 
     async def _fenced_row(self, conn: AsyncConnection) -> Any:
@@ -309,6 +337,43 @@ _PG_ADVANCE_KNOWN_HEAD = (
     " lease_until = GREATEST(lease_until, $7)"
     " WHERE node = $1 AND token = $2 AND head_idx = $3 AND head_hash = $4"
 )
+_AUDIT_TYPES = {
+    "ts": "bigint", "seq_from": "bigint", "seq_to": "bigint", "idx": "bigint",
+    "lease": "bigint", "ts_end": "bigint", "mid": "bytea", "prev_hash": "bytea",
+    "hash": "bytea", "patient_tag": "bytea",
+}  # fmt: skip
+
+
+def pg_known_head_ctes(first: int) -> str:
+    """Two CTEs for a statement that stores a :class:`KnownHead` along with other writes:
+    ``h`` advances the head under ``_PG_ADVANCE_KNOWN_HEAD``'s condition (its parameters
+    from ``$first``, then one array per column of :data:`_PG_AUDIT_COLUMNS`, see
+    :func:`pg_audit_columns`), and ``a`` inserts the rows, in order, only if ``h`` matched.
+    The caller selects ``count(*) FROM h``: 1 if stored, 0 if not (nothing inserted)."""
+    p = [f"${first + i}" for i in range(7)]
+    columns = ", ".join(_PG_AUDIT_COLUMNS)
+    arrays = ", ".join(
+        f"${first + 7 + i}::{_AUDIT_TYPES.get(c, 'text')}[]"
+        for i, c in enumerate(_PG_AUDIT_COLUMNS)
+    )
+    # built from this module's constants and parameter numbers only, never from input
+    return (
+        f"h AS (UPDATE journal_nodes SET head_idx = {p[4]}, head_hash = {p[5]},"  # noqa: S608
+        f" lease_until = GREATEST(lease_until, {p[6]})"
+        f" WHERE node = {p[0]} AND token = {p[1]} AND head_idx = {p[2]}"
+        f" AND head_hash = {p[3]} RETURNING 1),"
+        f" a AS (INSERT INTO audit ({columns}) SELECT {columns}"
+        f" FROM unnest({arrays}) WITH ORDINALITY AS r({columns}, ord)"
+        " WHERE EXISTS (SELECT 1 FROM h) ORDER BY ord)"
+    )
+
+
+def pg_audit_columns(entries: Sequence[ChainEntry]) -> list[list[Any]]:
+    """The entries as one list per column of :data:`_PG_AUDIT_COLUMNS` (for ``unnest``)."""
+    rows = [pg_audit_row(e) for e in entries]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 _PG_ADVANCE_HEAD = (
     "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"
 )

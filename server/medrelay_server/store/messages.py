@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
-from .audit import ChainWriter, write_audit
+from .audit import ChainWriter, pg_audit_columns, pg_known_head_ctes, write_audit
 from .base import AppendResult, StoredEvent
 from .engine import raw_errors
 from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, refuse
@@ -68,28 +68,41 @@ _STATEMENTS = _send_statements()
 _EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
 # PostgreSQL: the same work straight to asyncpg on the transaction's connection, with exact
 # keys through unnest (unqualified names resolve through search_path)
-_PG_ROLES = (
-    "SELECT m.room, m.user_id, m.role FROM memberships m"
+# a batch's senders' current roles (kind false: room, user, role) and its sends already
+# stored (kind true: the event), in one round trip; after the room locks, as its own
+# statement, so that it reads what was committed before the locks were granted
+_PG_READ = (
+    "SELECT false, m.room, m.user_id, m.role, NULL::bigint, NULL::text, NULL::bigint,"
+    " NULL::bytea, NULL::bytea FROM memberships m"
     " JOIN unnest($1::text[], $2::text[]) AS k(room, user_id)"
     " ON m.room = k.room AND m.user_id = k.user_id WHERE m.to_seq IS NULL"
-)
-_PG_STORED = (
-    "SELECT e.room, e.seq, e.kind, e.sender_device, e.sender_user, e.ts, e.payload, e.mid"
-    " FROM events e JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS k(room, device, mid)"
+    " UNION ALL"
+    " SELECT true, e.room, e.sender_device, e.sender_user, e.seq, e.kind, e.ts, e.payload, e.mid"
+    " FROM events e JOIN unnest($3::text[], $4::text[], $5::bytea[]) AS k(room, device, mid)"
     " ON e.room = k.room AND e.sender_device = k.device AND e.mid = k.mid"
 )
-_PG_INSERT = (
-    "INSERT INTO events (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
+# the batch's writes in one round trip: its new events, each room's last seq with a NOTIFY
+# "room \x1f seq" for it, and (_PG_WRITE_AUDIT) its audit rows chained after the writer's
+# remembered head, inserted only if the conditional head update matched (its count says)
+_PG_WRITE_CTES = (
+    "WITH ins AS (INSERT INTO events"
+    " (room, seq, kind, sender_device, sender_user, ts, payload, mid)"
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
-    " $6::bigint[], $7::bytea[], $8::bytea[])"
+    " $6::bigint[], $7::bytea[], $8::bytea[])),"
+    " u AS (UPDATE rooms SET last_seq = v.seq"
+    " FROM unnest($10::text[], $11::bigint[]) AS v(room, seq) WHERE rooms.room = v.room"
+    " RETURNING rooms.room, rooms.last_seq),"
+    " n AS (SELECT count(pg_notify($9, u.room || chr(31) || u.last_seq::text)) AS c FROM u)"
 )
-# each room's last seq, and a NOTIFY "room \x1f seq" for it, in one round trip
-_PG_LAST_SEQ = (
-    "WITH u AS (UPDATE rooms SET last_seq = v.seq"
-    " FROM unnest($2::text[], $3::bigint[]) AS v(room, seq) WHERE rooms.room = v.room"
-    " RETURNING rooms.room, rooms.last_seq)"
-    " SELECT count(pg_notify($1, u.room || chr(31) || u.last_seq::text)) FROM u"
+# (constant text only: S608 cannot see that)
+_PG_WRITE = _PG_WRITE_CTES + " SELECT (SELECT c FROM n), 0"  # noqa: S608
+_PG_WRITE_AUDIT = (
+    _PG_WRITE_CTES  # noqa: S608
+    + ", "
+    + pg_known_head_ctes(12)
+    + " SELECT (SELECT c FROM n), (SELECT count(*) FROM h)"
 )
+_EMPTY_EVENTS: list[list[Any]] = [[] for _ in range(8)]
 
 _Key = tuple[str, str, bytes]  # (room, sender device, mid)
 
@@ -116,6 +129,8 @@ class SendBatch:
         self._last: dict[str, int] = {}
         self._pg: Any = None
         """PostgreSQL: the transaction's asyncpg connection, once SQLAlchemy has begun it."""
+        self._new: list[StoredEvent] = []
+        """PostgreSQL: the events :meth:`finish` inserts."""
 
     async def append_many(
         self, items: Sequence[dict[str, Any]]
@@ -137,10 +152,8 @@ class SendBatch:
                 out.append(await self._plan(kw, state, roles, stored, new))
             except RequestError as refused:
                 out.append(refused)
-        if new and self._pg is not None:
-            columns = [[getattr(ev, f) for ev in new] for f in _EVENT_ORDER]
-            async with raw_errors():
-                await self._pg.execute(_PG_INSERT, *columns)
+        if self._pg is not None:  # inserted by finish(), with everything else it writes
+            self._new = new
         elif new:
             rows = [{f: getattr(ev, f) for f in _EVENT_ORDER} for ev in new]
             await conn.execute(_STATEMENTS["insert"], rows)
@@ -150,11 +163,17 @@ class SendBatch:
         self, pairs: list[tuple[str, str]], keys: list[_Key]
     ) -> tuple[dict[tuple[str, str], str], dict[_Key, StoredEvent]]:
         self._pg = (await self._conn.get_raw_connection()).driver_connection
+        args = [*map(list, zip(*pairs, strict=True)), *map(list, zip(*keys, strict=True))]
         async with raw_errors():
-            role_rows = await self._pg.fetch(_PG_ROLES, *map(list, zip(*pairs, strict=True)))
-            stored_rows = await self._pg.fetch(_PG_STORED, *map(list, zip(*keys, strict=True)))
-        roles = {(r[0], r[1]): r[2] for r in role_rows}
-        stored = {(r[0], r[3], bytes(r[7])): _event_of_record(r) for r in stored_rows}
+            rows = await self._pg.fetch(_PG_READ, *args)
+        roles: dict[tuple[str, str], str] = {}
+        stored: dict[_Key, StoredEvent] = {}
+        for r in rows:
+            if r[0]:  # (true, room, device, user, seq, kind, ts, payload, mid)
+                event = StoredEvent(r[1], r[4], r[5], r[2], r[3], r[6], bytes(r[7]), bytes(r[8]))
+                stored[(event.room, event.sender_device, bytes(r[8]))] = event
+            else:  # (false, room, user, role, ...)
+                roles[(r[1], r[2])] = r[3]
         return roles, stored
 
     async def _read(
@@ -220,22 +239,37 @@ class SendBatch:
         return AppendResult(event, duplicate=False)
 
     async def finish(self) -> None:
+        if self._pg is not None:
+            await self._finish_pg()
+            return
         if not self._last:
             return
         last = sorted(self._last.items())
         self._last.clear()
-        if self._pg is not None:  # one statement each for every room of the batch
-            rooms, seqs = [room for room, _ in last], [seq for _, seq in last]
-            async with raw_errors():
-                await self._pg.fetchval(_PG_LAST_SEQ, EVENTS_CHANNEL, rooms, seqs)
-            return
         rows = [{"b_room": room, "b_seq": seq} for room, seq in last]
         await self._conn.execute(_STATEMENTS["last_seq"], rows)
 
-
-def _event_of_record(r: Any) -> StoredEvent:
-    """An asyncpg record of :data:`_PG_STORED` (columns in ``_EVENT_ORDER`` order)."""
-    return StoredEvent(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]))
+    async def _finish_pg(self) -> None:
+        """One statement: the new events, the last seqs with their NOTIFYs and, inside a
+        group-commit batch whose writer remembers its head, the batch's audit rows. If the
+        head moved (the statement then stored no audit row), the rows are chained after the
+        locked node row when the batch's ``deferred`` block ends, as without a known head."""
+        new, self._new = self._new, []
+        last = sorted(self._last.items())
+        self._last.clear()
+        taken = self._writer.take_known_head(self._conn)
+        if not new and not last and taken is None:
+            return
+        events = [[getattr(ev, f) for ev in new] for f in _EVENT_ORDER] if new else _EMPTY_EVENTS
+        args = [*events, EVENTS_CHANNEL, [r for r, _ in last], [q for _, q in last]]
+        async with raw_errors():
+            if taken is None:
+                await self._pg.fetchrow(_PG_WRITE, *args)
+                return
+            row = await self._pg.fetchrow(
+                _PG_WRITE_AUDIT, *args, *taken.condition, *pg_audit_columns(taken.entries)
+            )
+        self._writer.settle_known_head(self._conn, taken, advanced=row[1] == 1)
 
 
 async def append_message(
