@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# seconds: a send's durable store is a group commit of a few round trips plus a WAL flush
+STORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -15,6 +18,12 @@ class Metrics:
             "medrelay_frames_out_total", "Frames queued to sockets", registry=r
         )
         self.sends = Counter("medrelay_sends_total", "Envelopes stored", registry=r)
+        self.send_store_seconds = Histogram(
+            "medrelay_send_store_seconds",
+            "From a send's checks passing to its commit (group commit wait included)",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
         self.deliveries = Counter(
             "medrelay_deliveries_total", "Events queued to devices", registry=r
         )

@@ -4,6 +4,7 @@ websockets removes the fast path, this fails instead of the fan-out silently slo
 
 from __future__ import annotations
 
+import httpx
 from medrelay_server.gateway.connection import Connection
 
 from .conftest import Harness
@@ -42,3 +43,17 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert got == sent
     assert counts["direct"] >= len(sent)  # the events, plus any roster frames
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
+
+
+async def test_send_store_time_is_exported(harness: Harness) -> None:
+    alice = await harness.client("alice")
+    room = await alice.create_room()
+    for i in range(3):
+        await alice.send_text(room, f"obs {i}")
+    async with httpx.AsyncClient(base_url=harness.server.http, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    counts = [
+        line for line in text.splitlines() if line.startswith("medrelay_send_store_seconds_count")
+    ]
+    assert counts == ["medrelay_send_store_seconds_count 3.0"]
+    assert 'medrelay_send_store_seconds_bucket{le="+Inf"} 3.0' in text

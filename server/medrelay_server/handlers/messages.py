@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from medrelay_protocol import codec
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.envelope import Envelope
@@ -72,6 +74,7 @@ async def _store_and_fan_out(
     record = gw.audit(
         conn, kind, room=frame.room, mid=frame.mid, detail=detail, patient_tag=frame.patient_tag
     )
+    started = time.monotonic()
     result = await gw.store.append_message(
         frame.room,
         user=conn.user,
@@ -84,6 +87,7 @@ async def _store_and_fan_out(
         now=gw.clock.now(),
         audit=[record],
     )
+    gw.metrics.send_store_seconds.observe(time.monotonic() - started)
     ev = result.event
     gw.reply(conn, Ack(rid=frame.rid, room=ev.room, seq=ev.seq, mid=frame.mid, ts=ev.ts))
     if not result.duplicate:

@@ -88,7 +88,8 @@ def entry_of(row: Any) -> ChainEntry:
 @dataclasses.dataclass(frozen=True, slots=True)
 class KnownHead:
     """Records chained after a remembered head: the entries to insert, and the parameters
-    of the conditional head update (``_PG_ADVANCE_KNOWN_HEAD``'s $1..$7)."""
+    of the conditional head update (the first seven parameters of
+    :func:`pg_known_head_ctes`)."""
 
     records: list[AuditRecord]
     entries: list[ChainEntry]
@@ -231,7 +232,7 @@ class ChainWriter:
     def take_known_head(self, conn: AsyncConnection) -> KnownHead | None:
         """PostgreSQL batches: take the records deferred on ``conn`` and chain them after
         the head this writer last wrote, for the caller to store with its own statement
-        (``_PG_ADVANCE_KNOWN_HEAD``'s condition, then the rows), and then to report with
+        (:func:`pg_known_head_ctes`), and then to report with
         :meth:`settle_known_head`. None (records left where they are) when there is no
         remembered head or nothing deferred."""
         pending = self._deferred.get(id(conn))
@@ -264,11 +265,13 @@ class ChainWriter:
             return False
         taken = self._plan_known_head(records, idx, head)
         pg: Any = (await conn.get_raw_connection()).driver_connection
-        async with raw_errors():
-            status = await pg.execute(_PG_ADVANCE_KNOWN_HEAD, *taken.condition)
-            if status != "UPDATE 1":
-                return False
-            await pg.executemany(_PG_INSERT_AUDIT, [pg_audit_row(e) for e in taken.entries])
+        async with raw_errors():  # the head and the rows in one statement: the node row is
+            # locked from there to the commit only (the hashes were computed before)
+            stored = await pg.fetchval(
+                _PG_APPEND_KNOWN_HEAD, *taken.condition, *pg_audit_columns(taken.entries)
+            )
+        if stored != 1:
+            return False
         self._head = (taken.entries[-1].idx, taken.entries[-1].hash)
         return True
 
@@ -332,11 +335,6 @@ _PG_INSERT_AUDIT = (
     " address, patient_tag) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
     " $14, $15, $16, $17, $18, $19, $20, $21, $22)"
 )
-_PG_ADVANCE_KNOWN_HEAD = (
-    "UPDATE journal_nodes SET head_idx = $5, head_hash = $6,"
-    " lease_until = GREATEST(lease_until, $7)"
-    " WHERE node = $1 AND token = $2 AND head_idx = $3 AND head_hash = $4"
-)
 _AUDIT_TYPES = {
     "ts": "bigint", "seq_from": "bigint", "seq_to": "bigint", "idx": "bigint",
     "lease": "bigint", "ts_end": "bigint", "mid": "bytea", "prev_hash": "bytea",
@@ -345,11 +343,12 @@ _AUDIT_TYPES = {
 
 
 def pg_known_head_ctes(first: int) -> str:
-    """Two CTEs for a statement that stores a :class:`KnownHead` along with other writes:
-    ``h`` advances the head under ``_PG_ADVANCE_KNOWN_HEAD``'s condition (its parameters
-    from ``$first``, then one array per column of :data:`_PG_AUDIT_COLUMNS`, see
-    :func:`pg_audit_columns`), and ``a`` inserts the rows, in order, only if ``h`` matched.
-    The caller selects ``count(*) FROM h``: 1 if stored, 0 if not (nothing inserted)."""
+    """Two CTEs for a statement that stores a :class:`KnownHead` along with other writes.
+    ``h`` advances the head if node, fencing token and head still match; ``a`` inserts the
+    rows, in order, only if ``h`` matched. Parameters from ``$first``: node, token, head
+    idx, head hash, new idx, new hash, lease (``KnownHead.condition``), then one array per
+    column of :data:`_PG_AUDIT_COLUMNS` (:func:`pg_audit_columns`). The caller selects
+    ``count(*) FROM h``: 1 if stored, 0 if not (and nothing was inserted)."""
     p = [f"${first + i}" for i in range(7)]
     columns = ", ".join(_PG_AUDIT_COLUMNS)
     arrays = ", ".join(
@@ -374,6 +373,7 @@ def pg_audit_columns(entries: Sequence[ChainEntry]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
+_PG_APPEND_KNOWN_HEAD = "WITH " + pg_known_head_ctes(1) + " SELECT count(*) FROM h"  # noqa: S608
 _PG_ADVANCE_HEAD = (
     "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"
 )
@@ -410,10 +410,12 @@ async def write_audit(
     now: int | None = None,
     room: str | None = None,
     seqs: tuple[int, int] | None = None,
+    begun: bool = False,
 ) -> None:
     """Append journal records through ``writer``. Within a write that assigned seqs, records
     that name no seq get the assigned range (callers cannot know it in advance), records that
-    name no room get the room, and records with ``ts == 0`` get ``now``."""
+    name no room get the room, and records with ``ts == 0`` get ``now``. ``begun``: a
+    statement has already run in this transaction (see :meth:`ChainWriter.append`)."""
     out = []
     for rec in records:
         if room is not None and rec.room is None:
@@ -423,7 +425,7 @@ async def write_audit(
         if now is not None and rec.ts == 0:
             rec = dataclasses.replace(rec, ts=now)
         out.append(rec)
-    await writer.append(conn, out)
+    await writer.append(conn, out, begun=begun)
 
 
 async def read_audit(conn: AsyncConnection, room: str | None) -> list[AuditRecord]:

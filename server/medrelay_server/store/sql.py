@@ -457,7 +457,11 @@ class SqlStore:
             await messages.record_receipts(conn, receipts)
             for device, ts in sorted(seen):
                 await devices.touch_device(conn, device, ts)
-            await write_audit(conn, self.writer, records)
+            # once a statement has begun the transaction, the records can be chained after
+            # the writer's remembered head in one statement (``ChainWriter.append``), which
+            # holds the node row (and so every send's batch) for less time
+            begun = bool(receipts or seen)
+            await write_audit(conn, self.writer, records, begun=begun)
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
         async with self._db.read() as conn:
