@@ -1,11 +1,9 @@
-"""Databases for the servers under test: a fresh PostgreSQL database per run, dropped after,
-and the node-lease release a restart after ``kill -9`` needs (see ``release_leases``)."""
+"""Databases for the servers under test: a fresh PostgreSQL database per run, dropped after."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -44,27 +42,6 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
-
-
-async def release_leases(*, sqlite_file: Path | None = None, pg_database: str | None = None) -> int:
-    """Expire every journal node lease, as if its holder had released it.
-
-    A node killed with ``kill -9`` keeps its lease (60 s) and ``medrelay serve`` refuses to
-    start on the same node id until it expires (``NodeLeaseHeld``); the CLI does not yet pass
-    ``--node-id`` to the store, so a replacement cannot take a new id either. The reconnect
-    storm measures the clients, not that wait, so it releases the dead node's lease first
-    (and the report says so). Returns the number of leases released."""
-    sql = "UPDATE journal_nodes SET lease_until = 0, holder = NULL WHERE holder IS NOT NULL"
-    if sqlite_file is not None:
-        with sqlite3.connect(sqlite_file) as db:
-            return db.execute(sql).rowcount
-    assert pg_database is not None
-    conn = await asyncpg.connect(_dsn_for(pg_database))
-    try:
-        status = await conn.execute(sql)
-    finally:
-        await conn.close()
-    return int(status.split()[-1])
 
 
 async def pg_commits(database: str) -> int:

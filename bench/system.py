@@ -68,7 +68,6 @@ class System:
         self.tokens: dict[str, str] = {}
         self.keystores: dict[str, KeyStore] = {}
         self.setup_timing: dict[str, float] = {}
-        self.node_no = 1
         self.receipt_interval = receipt_interval
         self.setup_cpu = 0.0
 
@@ -97,7 +96,7 @@ class System:
         if self.nodes == 1 and self.broker_url is None:
             log = self.data_dir / "server.log"
             argv = medrelay_argv(self.port, self.data_dir, self.db_url)
-            env = {"MEDRELAY_NODE_ID": f"node-{self.node_no}"}
+            env = {"MEDRELAY_NODE_ID": "node-1"}
             return Server(self.label, argv, self.port, log, http=True, env=env)
         # one node of a deployment (scripts/cluster.py): its own data directory and node id,
         # one shared broker and development issuer key (a token works on every node), one
@@ -123,15 +122,9 @@ class System:
         return self.ports[w % self.nodes]
 
     def restart(self) -> float:
-        """Start again after ``kill9`` (a replacement process on the same port and data)."""
+        """Start again after ``kill9``: the same command, port, data and node id, as a
+        supervisor would (the new process takes over the lease the killed one left)."""
         assert self.server is not None
-        if self.medrelay:
-            if self.database == "postgres":
-                asyncio.run(db.release_leases(pg_database=self.pg_name))
-            else:
-                asyncio.run(db.release_leases(sqlite_file=self.data_dir / "medrelay.sqlite3"))
-            self.node_no += 1
-            self.server.env["MEDRELAY_NODE_ID"] = f"node-{self.node_no}"
         return self.server.start()
 
     async def populate(self) -> None:

@@ -56,16 +56,15 @@ class Node:
 
     def __init__(self, index: int, port: int, workdir: Path) -> None:
         self.index = index
-        self.generation = 0
         self.port = port
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def node_id(self) -> str:
-        """``node-i``; after a SIGKILL, ``node-i.gN``: the killed process still holds its
-        node id's journal lease until it expires, so the restarted one takes a new id."""
-        return f"node-{self.index}" + (f".g{self.generation}" if self.generation else "")
+        """``node-i``, also after a SIGKILL: the restarted process (same data directory)
+        takes over the lease the killed one left (``medrelay_server.nodeinstance``)."""
+        return f"node-{self.index}"
 
     @property
     def url(self) -> str:
@@ -156,7 +155,6 @@ class Cluster:
             assert node.proc is not None
             node.proc.send_signal(signal.SIGKILL)
             node.proc.wait()
-            node.generation += 1
 
     def stop(self, i: int, grace: float = STOP_GRACE) -> None:
         """SIGTERM node ``i`` (a clean shutdown), SIGKILL if it is not gone after ``grace``."""

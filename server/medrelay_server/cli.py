@@ -21,7 +21,9 @@ from starlette.applications import Starlette
 from .settings import Settings
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, *, instance_holder: str | None = None) -> Starlette:
+    """The node's app. ``instance_holder``: the holder id of this node instance's claim
+    (``nodeinstance``), held by the caller for the life of the process."""
     from .app import create_app
     from .auth.base import IdentityProvider
     from .auth.dev import DevIssuer
@@ -50,6 +52,7 @@ def build_app(settings: Settings) -> Starlette:
         schema=settings.database_schema,
         node_id=settings.node_id,
         clock=clock,
+        instance_holder=instance_holder,
     )
     identity: IdentityProvider
     signin: IdentityStack | None = None
@@ -97,6 +100,7 @@ def build_app(settings: Settings) -> Starlette:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .nodeinstance import NodeInstance, NodeInUse
     from .serve import uvicorn_config
 
     if not args.dev_issuer and not args.institutions:
@@ -126,7 +130,13 @@ def _serve(args: argparse.Namespace) -> int:
         dev_key_file=Path(args.dev_key_file) if args.dev_key_file else None,
         device_retire_after_seconds=args.device_retire_after_days * 86400,
     )
-    app = build_app(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:  # held until this process exits: a restart after a crash takes over its own lease
+        instance = NodeInstance.claim(settings.data_dir, settings.node_id)
+    except NodeInUse as exc:
+        print(f"medrelay serve: {exc}", file=sys.stderr)
+        return 1
+    app = build_app(settings, instance_holder=instance.holder)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
     uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0

@@ -98,13 +98,26 @@ class KnownHead:
 
 class ChainWriter:
     """This process's writer stream. ``node`` None makes a read-only store (the audit CLI);
-    ``enabled`` False writes unchained rows (the throughput bench's baseline only)."""
+    ``enabled`` False writes unchained rows (the throughput bench's baseline only).
+
+    ``instance_holder``: this node instance's persistent holder id, given only by a caller
+    that holds the instance's exclusive claim (``nodeinstance.NodeInstance``), which
+    vouches that any earlier process with that holder id is dead: a lease it left behind
+    is taken over at once instead of refused until it expires. Without it the holder is
+    random per process."""
 
     def __init__(
-        self, node: str | None, *, clock: Clock, lease_seconds: int, enabled: bool = True
+        self,
+        node: str | None,
+        *,
+        clock: Clock,
+        lease_seconds: int,
+        enabled: bool = True,
+        instance_holder: str | None = None,
     ) -> None:
         self.node = node
-        self.holder = secrets.token_hex(8)
+        self.holder = instance_holder or secrets.token_hex(8)
+        self._instance = instance_holder is not None
         self.token: int | None = None
         self.enabled = enabled
         self._clock = clock
@@ -141,7 +154,9 @@ class ChainWriter:
             self.token = 1
         else:
             mine = row.holder == self.holder and row.token == self.token
-            if not mine and row.holder is not None and row.lease_until > now:
+            # a lease left by a dead process of this same node instance (see __init__)
+            left_by_us = self._instance and row.holder == self.holder
+            if not (mine or left_by_us) and row.holder is not None and row.lease_until > now:
                 raise NodeLeaseHeld(self.node, row.lease_until)
             token = row.token if mine else row.token + 1
             await self._update(

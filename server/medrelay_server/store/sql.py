@@ -84,6 +84,8 @@ class SqlStore:
     ``journal=False`` writes unchained records: **for the throughput bench only**, never in
     a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
     concurrent ``append_message`` calls in shared transactions (:mod:`.group`).
+    ``instance_holder`` (from ``nodeinstance.NodeInstance``, whose claim the caller holds)
+    lets a restart after a crash take over the lease its dead predecessor left.
     """
 
     def __init__(
@@ -96,10 +98,15 @@ class SqlStore:
         lease_seconds: int = DEFAULT_LEASE_SECONDS,
         journal: bool = True,
         group_commit: bool = True,
+        instance_holder: str | None = None,
     ) -> None:
         self._db = Database(url, schema=schema)
         self.writer = ChainWriter(
-            node_id, clock=clock or SystemClock(), lease_seconds=lease_seconds, enabled=journal
+            node_id,
+            clock=clock or SystemClock(),
+            lease_seconds=lease_seconds,
+            enabled=journal,
+            instance_holder=instance_holder,
         )
         self._group = GroupCommitter(self._db, self.writer) if group_commit else None
 
