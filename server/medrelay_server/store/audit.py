@@ -426,20 +426,25 @@ async def write_audit(
     room: str | None = None,
     seqs: tuple[int, int] | None = None,
     begun: bool = False,
+    role: str | None = None,
 ) -> None:
     """Append journal records through ``writer``. Within a write that assigned seqs, records
-    that name no seq get the assigned range (callers cannot know it in advance), records that
-    name no room get the room, and records with ``ts == 0`` get ``now``. ``begun``: a
-    statement has already run in this transaction (see :meth:`ChainWriter.append`)."""
+        that name no seq get the assigned range (callers cannot know it in advance), records that
+        name no room get the room, records with ``ts == 0`` get ``now`` and records without a role
+    get ``role`` (the actor's, when only the transaction knows it). ``begun``: a
+        statement has already run in this transaction (see :meth:`ChainWriter.append`)."""
     out = []
     for rec in records:
+        changes: dict[str, Any] = {}
         if room is not None and rec.room is None:
-            rec = dataclasses.replace(rec, room=room)
+            changes["room"] = room
         if seqs is not None and rec.seq_from is None and rec.seq_to is None:
-            rec = dataclasses.replace(rec, seq_from=seqs[0], seq_to=seqs[1])
+            changes["seq_from"], changes["seq_to"] = seqs
         if now is not None and rec.ts == 0:
-            rec = dataclasses.replace(rec, ts=now)
-        out.append(rec)
+            changes["ts"] = now
+        if role is not None and rec.role is None:
+            changes["role"] = role
+        out.append(dataclasses.replace(rec, **changes) if changes else rec)
     await writer.append(conn, out, begun=begun)
 
 

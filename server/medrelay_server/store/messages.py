@@ -7,7 +7,6 @@ the roster and rekey events of the interval, or inside one of their history gran
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -215,15 +214,15 @@ class SendBatch:
         room_state, role = state.get(room), roles.get((room, user))
         if room_state is None or role is None or not allowed(role):
             raise refuse(ErrorCode.FORBIDDEN, "may not post")  # an unknown room alike
-        audit = [
-            a if a.role is not None else dataclasses.replace(a, role=role) for a in kw["audit"]
-        ]
+        audit = kw["audit"]
         original = stored.get((room, device, mid))
         if original is not None:
             if (original.payload, original.kind, original.sender_user) != (envelope, kind, user):
                 raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
             seqs = (original.seq, original.seq)
-            await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=seqs)
+            await write_audit(
+                self._conn, self._writer, audit, now=now, room=room, seqs=seqs, role=role
+            )
             return AppendResult(original, duplicate=True)
         last_seq, epoch, pending = room_state
         if kw["epoch"] != epoch:
@@ -235,7 +234,9 @@ class SendBatch:
         new.append(event)
         stored[(room, device, mid)] = event
         self._last[room] = seq
-        await write_audit(self._conn, self._writer, audit, now=now, room=room, seqs=(seq, seq))
+        await write_audit(
+            self._conn, self._writer, audit, now=now, room=room, seqs=(seq, seq), role=role
+        )
         return AppendResult(event, duplicate=False)
 
     async def finish(self) -> None:
