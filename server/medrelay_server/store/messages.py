@@ -112,6 +112,9 @@ class SendBatch:
     order), read the senders' roles, find sends already stored (retries), insert the new
     events (:meth:`append_many`); then each room's ``last_seq`` and, on PostgreSQL, one
     NOTIFY per room with its newest seq (:meth:`finish`; listeners fill the gap up to it).
+    On PostgreSQL that is three round trips between BEGIN and COMMIT: the locks, one read
+    (roles and retried sends), and one write in :meth:`finish` (events, last seqs and
+    NOTIFYs, and the batch's audit rows when its writer knows the chain head).
 
     Each send is checked on its own, in order, in memory: membership before idempotency (a
     removed user learns nothing, not even the seq of an earlier send), idempotency before
