@@ -45,16 +45,8 @@ async def drop_database(name: str) -> None:
 
 
 async def pg_commits(database: str) -> int:
-    """Committed transactions so far in ``database`` (``pg_stat_database``; the statistics
-    collector lags by up to half a second, so read it after a pause)."""
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        value = await conn.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", database
-        )
-    finally:
-        await conn.close()
-    return int(value or 0)
+    """Committed transactions so far in ``database`` (see :func:`pg_counters`)."""
+    return (await pg_counters(database))[0]
 
 
 async def _postmaster_pid() -> int | None:

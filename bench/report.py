@@ -53,13 +53,22 @@ class Table:
 
     def consult(self, label: str, system: str, m: ConsultResult, b: ConsultResult) -> None:
         scen = f"{label}, {system.removeprefix('medrelay ')}"
+        self._search_rows(scen, m, b, "deliveries per server CPU-second (at max)")
+
+    def _search_rows(self, scen: str, m: ConsultResult, b: ConsultResult, cpu_label: str) -> None:
+        """The three rows of a stepped search: maximum, per server CPU-second, latency."""
         mr = m.best.rate if m.best else math.nan
         br = b.best.rate if b.best else math.nan
-        cap = "≥ " if m.capped else ""
-        self.add(scen, "max sustained deliveries/s", cap + num(mr), num(br), ratio(mr, br))
+        self.add(
+            scen,
+            "max sustained deliveries/s",
+            ("≥ " if m.capped else "") + num(mr),
+            ("≥ " if b.capped else "") + num(br),
+            ratio(mr, br),
+        )
         mc = m.best.per_cpu() if m.best else math.nan
         bc = b.best.per_cpu() if b.best else math.nan
-        self.add(scen, "deliveries per server CPU-second (at max)", num(mc), num(bc), ratio(mc, bc))
+        self.add(scen, cpu_label, num(mc), num(bc), ratio(mc, bc))
         m99 = m.half.p(0.99) if m.half and m.half.latencies else math.nan
         b99 = b.half.p(0.99) if b.half and b.half.latencies else math.nan
         self.add(
@@ -78,32 +87,8 @@ class Table:
             "baseline column: 1 node (ratio 2/1)"
         )
         two, one = r.two, r.one
-        tr = two.best.rate if two.best else math.nan
-        orate = one.best.rate if one.best else math.nan
-        self.add(
-            scen,
-            "max sustained deliveries/s",
-            ("≥ " if two.capped else "") + num(tr),
-            ("≥ " if one.capped else "") + num(orate),
-            ratio(tr, orate),
-        )
-        tc = two.best.per_cpu() if two.best else math.nan
-        oc = one.best.per_cpu() if one.best else math.nan
-        self.add(
-            scen,
-            "deliveries per server CPU-second (at max; 2 nodes: both nodes' CPU)",
-            num(tc),
-            num(oc),
-            ratio(tc, oc),
-        )
-        t99 = two.half.p(0.99) if two.half and two.half.latencies else math.nan
-        o99 = one.half.p(0.99) if one.half and one.half.latencies else math.nan
-        self.add(
-            scen,
-            "p50 / p99 / p99.9 ms at half load (ratio: p99)",
-            lat3(two.half),
-            lat3(one.half),
-            ratio(t99, o99),
+        self._search_rows(
+            scen, two, one, "deliveries per server CPU-second (at max; 2 nodes: both nodes' CPU)"
         )
 
         def busy(w: Window | None) -> str:
