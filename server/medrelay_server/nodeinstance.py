@@ -21,12 +21,22 @@ over NFS is not reliable).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import secrets
 from pathlib import Path
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _file_part(node_id: str) -> str:
+    """The node id itself when it is a plain file name, else a readable part and a digest
+    of the exact id (so two ids never share a claim)."""
+    safe = _SAFE.sub("_", node_id)
+    if safe == node_id and node_id not in ("", ".", ".."):
+        return node_id
+    return f"{safe[:40]}-{hashlib.sha256(node_id.encode()).hexdigest()[:16]}"
 
 
 class NodeInUse(Exception):
@@ -44,7 +54,7 @@ class NodeInstance:
 
     @classmethod
     def claim(cls, data_dir: Path, node_id: str) -> NodeInstance:
-        path = data_dir / f"node-{_SAFE.sub('_', node_id)}.lock"
+        path = data_dir / f"node-{_file_part(node_id)}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

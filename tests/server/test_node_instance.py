@@ -37,10 +37,19 @@ def test_claim_is_exclusive_and_keeps_its_holder(tmp_path: Path) -> None:
 
 
 def test_a_damaged_holder_file_gets_a_new_holder(tmp_path: Path) -> None:
-    (tmp_path / "node-n_1.lock").write_bytes(b"\xff not hex")
-    claim = NodeInstance.claim(tmp_path, "n/1")  # the id is made safe for a file name
+    (tmp_path / "node-n1.lock").write_bytes(b"\xff not hex")
+    claim = NodeInstance.claim(tmp_path, "n1")
+    assert claim.path == tmp_path / "node-n1.lock"
     assert len(claim.holder) == 32 and int(claim.holder, 16) >= 0
     claim.close()
+
+
+def test_ids_that_are_not_file_names_get_claims_of_their_own(tmp_path: Path) -> None:
+    claims = [NodeInstance.claim(tmp_path, n) for n in ("a/b", "a_b", "a:b", "..")]
+    assert len({c.path for c in claims}) == len({c.holder for c in claims}) == 4
+    assert all(c.path.parent == tmp_path for c in claims)
+    for c in claims:
+        c.close()
 
 
 async def test_restart_after_a_crash_takes_the_lease_over(
