@@ -218,12 +218,16 @@ class Client:
                 await self._flush_receipts(session)
 
     async def _flush_receipts(self, session: Session) -> None:
-        """Cumulative receipts, one per room per burst of deliveries."""
+        """Cumulative receipts, one per room per burst of deliveries. A room forgotten
+        within the burst (this user's removal came after the event being acknowledged) gets
+        none, and is not brought back: ``keys.room`` would recreate it, empty, and the next
+        resume would ask for it again."""
         from medrelay_protocol.frames import Receipt
 
         due, self._unreceipted = self._unreceipted, {}
         for room, seq in due.items():
-            if self.keys.room(room).current or room in self.logic.rosters:
+            keys = self.keys.rooms.get(room)
+            if (keys is not None and keys.current) or room in self.logic.rosters:
                 await session.send_only(Receipt(room=room, seq=seq))
 
     async def _on_push(self, frame: Frame) -> None:
