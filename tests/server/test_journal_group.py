@@ -4,15 +4,16 @@ refusal fails only its own send; every stored send has its chained audit record.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from medrelay_server.journal.verify import verify
+from medrelay_server.store.base import AuditRecord
 from medrelay_server.store.sql import SqlStore
 
-from .test_store_contract import ROOM, new_room, send
+from .test_store_contract import NOW, ROOM, new_room, send
 
 if TYPE_CHECKING:
     from .conftest import StoreBackend
@@ -85,3 +86,108 @@ async def test_a_wrong_remembered_head_falls_back_to_the_locked_row(
     sends = [r for r in await store.audit_records() if r.action == "send"]
     assert len(sends) == 15
     assert (await verify(store.database, [], b"")).ok
+
+
+async def _in_flight_counter(store: SqlStore) -> tuple[list[int], asyncio.Event]:
+    """Wrap the committer's batch runner to record the most batches in flight at once;
+    the event is set whenever a batch starts."""
+    group = store._group
+    assert group is not None
+    run = group._run
+    state = [0, 0]  # now, most
+    started = asyncio.Event()
+
+    async def counted(batch: list[Any]) -> None:
+        state[0] += 1
+        state[1] = max(state[1], state[0])
+        started.set()
+        try:
+            await run(batch)
+        finally:
+            state[0] -= 1
+
+    group._run = counted  # type: ignore[method-assign]
+    return state, started
+
+
+async def test_batches_in_flight_together_chain_in_order(store_backend: StoreBackend) -> None:
+    """On PostgreSQL two batches are in flight at once (sends arriving during a batch's
+    round trips start the next batch): the later one chains after the earlier one's
+    planned tail and its head update waits for that commit. With journal flushes (another
+    writer of the same chain) in between, every send is stored once, seqs are contiguous
+    per room, and the chain verifies. SQLite keeps one batch at a time."""
+    store = await store_backend.open()
+    rooms = (ROOM, "room-2", "room-3")
+    for room in rooms:
+        await new_room(store, room)
+    state, started = await _in_flight_counter(store)
+    waves: list[asyncio.Future[list[Any]]] = []
+    for wave in range(6):
+        started.clear()
+        calls: list[Any] = [
+            send(store, mid=b"%08d%08d" % (wave, i), room=rooms[i % 3]) for i in range(30)
+        ]
+        if wave % 2:
+            calls.insert(7, store.journal([AuditRecord("deliver", "success", user="bob", ts=NOW)]))
+        waves.append(asyncio.gather(*calls))
+        await started.wait()  # the next wave arrives while this one's batch is in flight
+    await asyncio.gather(*waves)
+    assert state[1] == (1 if store.database.is_sqlite else 2)
+    sends = [r for r in await store.audit_records() if r.action == "send"]
+    assert len(sends) == 180
+    for room in rooms:
+        room_state = await store.room_state(room)
+        assert room_state is not None and room_state.last_seq == 2 + 60
+    assert (await verify(store.database, [], b"")).ok
+
+
+async def test_a_batch_planned_after_a_failed_one_falls_back(
+    store_backend: StoreBackend,
+) -> None:
+    """The batch in flight fails (a send the database refuses fails the whole batch, which
+    is then retried one send at a time), so the tail the next batch planned after is never
+    stored: that batch's conditional head update does not match and it chains after the
+    locked row instead. Nothing forks."""
+    store = await store_backend.open()
+    await new_room(store)
+    await send(store, mid=b"a" * 16)
+    calls: list[Any] = []
+    for i in range(30):
+        if i == 5:
+            calls.append(send(store, mid=b"x" * 16, envelope=None))  # type: ignore[arg-type]
+        calls.append(send(store, mid=b"%016d" % i))
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1 and not isinstance(failed[0], RequestError)
+    sends = [r for r in await store.audit_records() if r.action == "send"]
+    assert len(sends) == 31
+    assert (await verify(store.database, [], b"")).ok
+
+
+async def test_a_stale_planned_tail_falls_back(store_backend: StoreBackend) -> None:
+    """A planned tail left behind (as by a batch whose statement failed before it could be
+    settled) makes the next batch's head update miss: it falls back to the locked row, and
+    plans from the stored head again afterwards."""
+    store = await store_backend.open()
+    await new_room(store)
+    await send(store, mid=b"a" * 16)
+    store.writer._planned = (10_000, b"\x02" * 32)
+    await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(8)))
+    assert store.writer._planned is None
+    await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(8, 16)))
+    sends = [r for r in await store.audit_records() if r.action == "send"]
+    assert len(sends) == 17
+    assert (await verify(store.database, [], b"")).ok
+
+
+async def test_sends_one_after_another_each_find_a_drainer(store_backend: StoreBackend) -> None:
+    """Each send awaited before the next: the next is appended as soon as the previous one's
+    result is set, before its drainer has finished ending. It must still start a batch
+    (a drainer removed from the set by a done callback, which runs later, left it waiting
+    forever)."""
+    store = await store_backend.open()
+    await new_room(store)
+    async with asyncio.timeout(20):
+        for i in range(5):
+            result = await send(store, mid=b"%016d" % i)
+            assert result.event.seq == 3 + i

@@ -141,11 +141,12 @@ async def test_crash_before_commit_writes_nothing(private_pg: PrivatePostgres) -
         await new_room(store)
         before = await _counts(store)
         with pytest.raises(StoreUnavailable):
-            async with store.database.write() as conn:
+            async with store.database.batch_write() as (conn, pg):
                 await messages.append_message(
                     conn,
                     store.writer,
                     ROOM,
+                    pg=pg,
                     user="alice",
                     device="alice-1",
                     mid=b"c" * 16,

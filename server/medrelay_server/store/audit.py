@@ -126,6 +126,10 @@ class ChainWriter:
         self._deferred: dict[int, list[AuditRecord]] = {}
         self._head: tuple[int, bytes] | None = None
         """(idx, hash) this writer last chained to; only a hint, checked when used."""
+        self._planned: tuple[int, bytes] | None = None
+        """The tail of the newest known-head batch still in flight (group commit runs up to
+        two at once on PostgreSQL): the next batch chains after it, and its conditional
+        head update then waits in PostgreSQL for that batch's commit and matches."""
 
     async def acquire(self, conn: AsyncConnection) -> int:
         """Lease the node id (inside the caller's write transaction); returns the token."""
@@ -187,9 +191,10 @@ class ChainWriter:
         self._head = None
 
     @contextlib.asynccontextmanager
-    async def deferred(self, conn: AsyncConnection) -> AsyncIterator[None]:
+    async def deferred(self, conn: AsyncConnection, *, pg: Any = None) -> AsyncIterator[None]:
         """Collect what ``conn``'s writes append and chain it all at once at the end (one
-        node-row lock, insert and head update per group-commit batch, in order)."""
+        node-row lock, insert and head update per group-commit batch, in order). ``pg``: the
+        transaction is asyncpg's own on that connection (``Database.batch_write``)."""
         key = id(conn)
         self._deferred[key] = []
         try:
@@ -197,17 +202,24 @@ class ChainWriter:
             records = self._deferred[key]
         finally:
             del self._deferred[key]
-        await self.append(conn, records, begun=True)
+        await self.append(conn, records, begun=True, pg=pg)
 
     async def append(
-        self, conn: AsyncConnection, records: Sequence[AuditRecord], *, begun: bool = False
+        self,
+        conn: AsyncConnection,
+        records: Sequence[AuditRecord],
+        *,
+        begun: bool = False,
+        pg: Any = None,
     ) -> None:
         """Chain ``records`` after the node's head. ``begun``: the transaction has already
         run a statement (a group-commit batch), so on PostgreSQL the head this writer last
         wrote can be advanced with one conditional ``UPDATE`` (node, fencing token and the
         remembered head must all still match) instead of locking and reading the row first;
         if it does not match (another transaction of this process rolled back, or the id
-        was taken over), the row is locked and read as usual."""
+        was taken over), the row is locked and read as usual. ``pg``: the transaction is
+        asyncpg's own (``Database.batch_write``), so every statement goes to it and none
+        through ``conn``."""
         if not records:
             return
         pending = self._deferred.get(id(conn))
@@ -217,17 +229,20 @@ class ChainWriter:
         if not self.enabled:
             await conn.execute(sa.insert(t.audit), [audit_values(r) for r in records])
             return
-        if begun and self._head is not None and conn.dialect.name == "postgresql":
-            if await self._append_after_known_head(conn, list(records), *self._head):
+        postgres = pg is not None or conn.dialect.name == "postgresql"
+        if (begun or pg is not None) and self._head is not None and postgres:
+            if await self._append_after_known_head(conn, list(records), *self._head, pg=pg):
                 return
-        row = await self._fenced_row(conn)
+        row = await (self._fenced_row(conn) if pg is None else self._fenced_row_pg(pg))
         entries = chain(
             self.node or "", row.token, row.head_idx, bytes(row.head_hash), list(records)
         )
         self._head = (entries[-1].idx, entries[-1].hash)
+        self._planned = None  # a batch planned before this will not match: plan anew
         lease = max(row.lease_until, self._clock.now() + self._lease_seconds)
-        if conn.dialect.name == "postgresql":  # the transaction has begun (the row lock)
-            pg: Any = (await conn.get_raw_connection()).driver_connection
+        if postgres:  # the transaction has begun (the row lock)
+            if pg is None:
+                pg = (await conn.get_raw_connection()).driver_connection
             rows = [pg_audit_row(e) for e in entries]
             async with raw_errors():
                 await pg.executemany(_PG_INSERT_AUDIT, rows)
@@ -251,21 +266,33 @@ class ChainWriter:
         :meth:`settle_known_head`. None (records left where they are) when there is no
         remembered head or nothing deferred."""
         pending = self._deferred.get(id(conn))
-        if not pending or not self.enabled or self.token is None or self._head is None:
+        base = self._planned or self._head
+        if not pending or not self.enabled or self.token is None or base is None:
             return None
         records = list(pending)
         pending.clear()
-        return self._plan_known_head(records, *self._head)
+        taken = self._plan_known_head(records, *base)
+        self._planned = (taken.entries[-1].idx, taken.entries[-1].hash)
+        return taken
 
     def settle_known_head(self, conn: AsyncConnection, taken: KnownHead, advanced: bool) -> None:
         """``advanced``: the conditional head update matched and the rows are in. If it did
         not match, the records go back to ``conn``'s deferred list, to be chained after the
-        locked row when the batch's :meth:`deferred` block ends."""
+        locked row when the batch's :meth:`deferred` block ends (and a batch planned after
+        this one will not match either: the next plans from the head again)."""
+        tail = (taken.entries[-1].idx, taken.entries[-1].hash)
         if advanced:
-            self._head = (taken.entries[-1].idx, taken.entries[-1].hash)
+            self._head = tail
+            if self._planned == tail:
+                self._planned = None
             return
-        self._head = None
+        self._head = self._planned = None
         self._deferred[id(conn)].extend(taken.records)
+
+    def abandon_known_head(self) -> None:
+        """A known-head statement failed (its transaction will roll back): plan the next
+        batch from the stored head, not from this one's tail."""
+        self._head = self._planned = None
 
     def _plan_known_head(self, records: list[AuditRecord], idx: int, head: bytes) -> KnownHead:
         entries = chain(self.node or "", self.token or 0, idx, head, records)
@@ -274,12 +301,19 @@ class ChainWriter:
         return KnownHead(records, entries, condition)
 
     async def _append_after_known_head(
-        self, conn: AsyncConnection, records: list[AuditRecord], idx: int, head: bytes
+        self,
+        conn: AsyncConnection,
+        records: list[AuditRecord],
+        idx: int,
+        head: bytes,
+        *,
+        pg: Any = None,
     ) -> bool:
         if self.token is None:
             return False
         taken = self._plan_known_head(records, idx, head)
-        pg: Any = (await conn.get_raw_connection()).driver_connection
+        if pg is None:
+            pg = (await conn.get_raw_connection()).driver_connection
         async with raw_errors():  # the head and the rows in one statement: the node row is
             # locked from there to the commit only (the hashes were computed before)
             stored = await pg.fetchval(
@@ -297,6 +331,16 @@ class ChainWriter:
         if row is None or self.token is None or row.token != self.token:
             raise NodeFenced(f"node id {self.node!r} is leased by another process")
         return row
+
+    async def _fenced_row_pg(self, pg: Any) -> Any:
+        """:meth:`_fenced_row` on an asyncpg transaction (``Database.batch_write``)."""
+        if self.node is None:
+            raise JournalReadOnly("this store was opened without a node id")
+        async with raw_errors():
+            row = await pg.fetchrow(_PG_LOCK_NODE, self.node)
+        if row is None or self.token is None or row["token"] != self.token:
+            raise NodeFenced(f"node id {self.node!r} is leased by another process")
+        return _NodeRow(row["token"], row["head_idx"], bytes(row["head_hash"]), row["lease_until"])
 
     async def _lock_row(self, conn: AsyncConnection) -> Any:
         return (await conn.execute(_LOCK_NODE, {"b_node": self.node})).one_or_none()
@@ -389,6 +433,19 @@ def pg_audit_columns(entries: Sequence[ChainEntry]) -> list[list[Any]]:
 
 
 _PG_APPEND_KNOWN_HEAD = "WITH " + pg_known_head_ctes(1) + " SELECT count(*) FROM h"  # noqa: S608
+_PG_LOCK_NODE = (
+    "SELECT token, head_idx, head_hash, lease_until FROM journal_nodes WHERE node = $1 FOR UPDATE"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _NodeRow:
+    token: int
+    head_idx: int
+    head_hash: bytes
+    lease_until: int
+
+
 _PG_ADVANCE_HEAD = (
     "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"
 )

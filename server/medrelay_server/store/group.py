@@ -14,7 +14,9 @@ other reason, its sends are retried one transaction each, so one send's database
 never fails its neighbours.
 
 Batches lock their rooms in room order, as every other multi-room writer does, so batches
-on different nodes cannot deadlock; sends to one room keep their arrival order.
+(on one node or several) cannot deadlock. A connection has one send in flight at a time, so
+its sends keep their order; sends of different connections that arrive together may be
+stored in either order.
 """
 
 from __future__ import annotations
@@ -33,25 +35,43 @@ _Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]"]
 
 
 class GroupCommitter:
-    def __init__(self, db: Database, writer: ChainWriter, *, max_batch: int = 64) -> None:
+    """``depth``: how many batches may be in flight at once (default: 2 on PostgreSQL, 1 on
+    SQLite, whose writes queue on one lock anyway). A send that arrives while a batch waits
+    on its round trips starts the next batch at once instead of waiting for that batch's
+    commit; the two meet in PostgreSQL only where they share a room (row locks, taken in
+    room order) and at the node's chain head (the later batch chains after the earlier
+    one's planned tail, ``ChainWriter.take_known_head``, and its head update waits for that
+    commit)."""
+
+    def __init__(
+        self, db: Database, writer: ChainWriter, *, max_batch: int = 64, depth: int | None = None
+    ) -> None:
         self._db = db
         self._writer = writer
         self._max_batch = max_batch
+        self._depth = depth if depth is not None else (1 if db.is_sqlite else 2)
         self._queue: list[_Item] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
 
     async def append(self, **kw: Any) -> AppendResult:
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append((kw, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
+        if len(self._drainers) < self._depth:
+            self._drainers.add(asyncio.create_task(self._drain()))
         return await future
 
     async def close(self) -> None:
-        if self._drainer is not None:
-            await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._drainers:
+            await asyncio.gather(*self._drainers, return_exceptions=True)
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_queue()
+        finally:  # at once, not in a done callback: a send appended before that callback
+            # ran would find the set full and wait for a drainer that had already ended
+            self._drainers.discard(asyncio.current_task())
+
+    async def _drain_queue(self) -> None:
         while self._queue:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
@@ -72,8 +92,8 @@ class GroupCommitter:
 
     async def _run(self, batch: list[_Item]) -> None:
         outcomes: list[AppendResult | RequestError] = []
-        async with self._db.write() as conn, self._writer.deferred(conn):
-            sends = messages.SendBatch(conn, self._writer)
+        async with self._db.batch_write() as (conn, pg), self._writer.deferred(conn, pg=pg):
+            sends = messages.SendBatch(conn, self._writer, pg=pg)
             outcomes = await sends.append_many([kw for kw, _ in batch])
             await sends.finish()
         for (_, future), outcome in zip(batch, outcomes, strict=True):

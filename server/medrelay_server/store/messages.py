@@ -38,8 +38,8 @@ def _send_statements() -> dict[str, Any]:
     a Core statement per call cost more than executing it (bench.store_ops)."""
     r, m, e = t.rooms.c, t.memberships.c, t.events.c
     return {
-        # the batch's room rows, locked in room order (PostgreSQL; SQLite holds the write
-        # lock already)
+        # the batch's room rows in room order (SQLite holds the write lock already;
+        # PostgreSQL locks them with _PG_LOCK)
         "lock": sa.select(r.room, r.last_seq, r.epoch, r.pending_rekey)
         .where(r.room.in_(sa.bindparam("rooms", expanding=True)))
         .order_by(r.room)
@@ -101,6 +101,11 @@ _PG_WRITE_AUDIT = (
     + pg_known_head_ctes(12)
     + " SELECT (SELECT c FROM n), (SELECT count(*) FROM h)"
 )
+# the batch's room rows, locked in room order
+_PG_LOCK = (
+    "SELECT room, last_seq, epoch, pending_rekey FROM rooms WHERE room = ANY($1::text[])"
+    " ORDER BY room FOR UPDATE"
+)
 _EMPTY_EVENTS: list[list[Any]] = [[] for _ in range(8)]
 
 _Key = tuple[str, str, bytes]  # (room, sender device, mid)
@@ -119,18 +124,20 @@ class SendBatch:
     Each send is checked on its own, in order, in memory: membership before idempotency (a
     removed user learns nothing, not even the seq of an earlier send), idempotency before
     the epoch (a retry of a stored send gets its ack even after the epoch moved on). A send
-    retried within the batch is a duplicate of its first copy. On PostgreSQL the statements
-    after the first (which SQLAlchemy sends, beginning the transaction) go straight to
-    asyncpg on the same connection: SQLAlchemy's per-statement Python cost was most of a
-    send's. A statement failing (e.g. an unforeseen conflict) fails the whole batch, which
-    the group committer then retries one send at a time."""
+    retried within the batch is a duplicate of its first copy. On PostgreSQL the whole
+    transaction is asyncpg's (``pg``, from ``Database.batch_write``): SQLAlchemy's Python
+    cost per statement, and its BEGIN and COMMIT, were most of a batch's. A statement
+    failing (e.g. an unforeseen conflict) fails the whole batch, which the group committer
+    then retries one send at a time."""
 
-    def __init__(self, conn: AsyncConnection, writer: ChainWriter) -> None:
+    def __init__(self, conn: AsyncConnection, writer: ChainWriter, *, pg: Any = None) -> None:
+        if pg is None and conn.dialect.name == "postgresql":
+            raise ValueError("PostgreSQL send batches run on asyncpg (Database.batch_write)")
         self._conn = conn
         self._writer = writer
         self._last: dict[str, int] = {}
-        self._pg: Any = None
-        """PostgreSQL: the transaction's asyncpg connection, once SQLAlchemy has begun it."""
+        self._pg: Any = pg
+        """PostgreSQL: the asyncpg connection whose transaction this is."""
         self._new: list[StoredEvent] = []
         """PostgreSQL: the events :meth:`finish` inserts."""
 
@@ -139,11 +146,15 @@ class SendBatch:
     ) -> list[AppendResult | RequestError]:
         conn = self._conn
         rooms = sorted({str(kw["room"]) for kw in items})
-        locked = (await conn.execute(_STATEMENTS["lock"], {"rooms": rooms})).all()
-        state = {row.room: [row.last_seq, row.epoch, bool(row.pending_rekey)] for row in locked}
+        if self._pg is not None:
+            async with raw_errors():
+                locked = await self._pg.fetch(_PG_LOCK, rooms)
+        else:
+            locked = (await conn.execute(_STATEMENTS["lock"], {"rooms": rooms})).all()
+        state = {row[0]: [row[1], row[2], bool(row[3])] for row in locked}
         pairs = sorted({(str(kw["room"]), str(kw["user"])) for kw in items})
         keys = [(str(kw["room"]), str(kw["device"]), bytes(kw["mid"])) for kw in items]
-        if conn.dialect.name == "postgresql":
+        if self._pg is not None:
             roles, stored = await self._read_pg(pairs, keys)
         else:
             roles, stored = await self._read(pairs, keys)
@@ -164,7 +175,6 @@ class SendBatch:
     async def _read_pg(
         self, pairs: list[tuple[str, str]], keys: list[_Key]
     ) -> tuple[dict[tuple[str, str], str], dict[_Key, StoredEvent]]:
-        self._pg = (await self._conn.get_raw_connection()).driver_connection
         args = [*map(list, zip(*pairs, strict=True)), *map(list, zip(*keys, strict=True))]
         async with raw_errors():
             rows = await self._pg.fetch(_PG_READ, *args)
@@ -270,21 +280,27 @@ class SendBatch:
             if taken is None:
                 await self._pg.fetchrow(_PG_WRITE, *args)
                 return
-            row = await self._pg.fetchrow(
-                _PG_WRITE_AUDIT, *args, *taken.condition, *pg_audit_columns(taken.entries)
-            )
+            try:
+                row = await self._pg.fetchrow(
+                    _PG_WRITE_AUDIT, *args, *taken.condition, *pg_audit_columns(taken.entries)
+                )
+            except BaseException:
+                self._writer.abandon_known_head()
+                raise
         self._writer.settle_known_head(self._conn, taken, advanced=row[1] == 1)
 
 
 async def append_message(
-    conn: AsyncConnection, writer: ChainWriter, room: str, **kw: Any
+    conn: AsyncConnection, writer: ChainWriter, room: str, *, pg: Any = None, **kw: Any
 ) -> AppendResult:
-    """One send in its own transaction (the store without group commit)."""
-    batch = SendBatch(conn, writer)
-    (outcome,) = await batch.append_many([{"room": room, **kw}])
-    if isinstance(outcome, RequestError):
-        raise outcome
-    await batch.finish()
+    """One send in its own transaction (the store without group commit): a batch of one.
+    ``pg``: PostgreSQL's asyncpg connection (``Database.batch_write``)."""
+    async with writer.deferred(conn, pg=pg):
+        batch = SendBatch(conn, writer, pg=pg)
+        (outcome,) = await batch.append_many([{"room": room, **kw}])
+        if isinstance(outcome, RequestError):
+            raise outcome
+        await batch.finish()
     return outcome
 
 

@@ -377,8 +377,8 @@ class SqlStore:
         }
         if self._group is not None:
             return await self._group.append(**kw)
-        async with self._db.write() as conn:
-            return await messages.append_message(conn, self.writer, **kw)  # type: ignore[arg-type]
+        async with self._db.batch_write() as (conn, pg):
+            return await messages.append_message(conn, self.writer, pg=pg, **kw)  # type: ignore[arg-type]
 
     async def events_after(
         self, room: str, after_seq: int, *, user: str, device: str, limit: int
