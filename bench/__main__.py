@@ -65,8 +65,8 @@ QUICK = (
 )
 FULL = (
     Sizes(
-        consult10_rooms=20,
-        consult50_rooms=2,
+        consult10_rooms=30,
+        consult50_rooms=3,
         wards=100,
         tablets_per_ward=20,
         clinicians_per_ward=3,

@@ -119,11 +119,22 @@ def consult(system: System, set_name: str, plan: Plan) -> ConsultResult:
     level = plan.bare_start_level
     if system.medrelay:
         level = plan.start_level if size < 50 else plan.start_level_50
+    # the most the population can offer without a device passing medrelay's send limit: a
+    # search that would step past it tries it once, so a capped figure is as high as it
+    # can be (and reported as "at least")
+    cap_level = len(ordered) * SEND_CAP * size * 0.999 if system.medrelay else math.inf
     fail_level = 0.0
     while level <= plan.max_level:
+        if best_level < cap_level < level and not fail_level:
+            level = cap_level
         w, ok, why = step(level, plan.step_seconds)
         if w is None:
             res.capped, res.why_stopped = True, why
+            break
+        if ok and level == cap_level:
+            res.steps.append(w)
+            res.best, best_level = w, level
+            res.capped, res.why_stopped = True, "send-rate cap"
             break
         res.steps.append(w)
         if not ok:
