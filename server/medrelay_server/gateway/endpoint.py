@@ -250,10 +250,9 @@ async def _read_loop(ws: WebSocket, gw: Gateway, conn: Connection) -> None:
     bucket = TokenBucket(limits.frames_per_second, limits.frame_burst, gw.clock.now_ms())
     refused = 0
     while not conn.closed:
-        try:
-            data, _ = await asyncio.wait_for(
-                _receive_frame(ws, gw), timeout=_until_reauth(gw, conn)
-            )
+        try:  # a timeout scope, not wait_for: that wraps every frame's read in a task
+            async with asyncio.timeout(_until_reauth(gw, conn)):
+                data, _ = await _receive_frame(ws, gw)
         except TimeoutError:
             await _expire(gw, conn)
             continue
