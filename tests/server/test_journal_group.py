@@ -88,7 +88,7 @@ async def test_a_wrong_remembered_head_falls_back_to_the_locked_row(
     assert (await verify(store.database, [], b"")).ok
 
 
-async def _in_flight_counter(store: SqlStore) -> tuple[list[int], asyncio.Event]:
+def _in_flight_counter(store: SqlStore) -> tuple[list[int], asyncio.Event]:
     """Wrap the committer's batch runner to record the most batches in flight at once;
     the event is set whenever a batch starts."""
     group = store._group
@@ -120,7 +120,7 @@ async def test_batches_in_flight_together_chain_in_order(store_backend: StoreBac
     rooms = (ROOM, "room-2", "room-3")
     for room in rooms:
         await new_room(store, room)
-    state, started = await _in_flight_counter(store)
+    state, started = _in_flight_counter(store)
     waves: list[asyncio.Future[list[Any]]] = []
     for wave in range(6):
         started.clear()

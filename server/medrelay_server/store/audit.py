@@ -327,10 +327,7 @@ class ChainWriter:
     async def _fenced_row(self, conn: AsyncConnection) -> Any:
         if self.node is None:
             raise JournalReadOnly("this store was opened without a node id")
-        row = await self._lock_row(conn)
-        if row is None or self.token is None or row.token != self.token:
-            raise NodeFenced(f"node id {self.node!r} is leased by another process")
-        return row
+        return self._fenced(await self._lock_row(conn))
 
     async def _fenced_row_pg(self, pg: Any) -> Any:
         """:meth:`_fenced_row` on an asyncpg transaction (``Database.batch_write``)."""
@@ -338,9 +335,17 @@ class ChainWriter:
             raise JournalReadOnly("this store was opened without a node id")
         async with raw_errors():
             row = await pg.fetchrow(_PG_LOCK_NODE, self.node)
-        if row is None or self.token is None or row["token"] != self.token:
+        if row is not None:
+            row = _NodeRow(
+                row["token"], row["head_idx"], bytes(row["head_hash"]), row["lease_until"]
+            )
+        return self._fenced(row)
+
+    def _fenced(self, row: Any) -> Any:
+        """The locked node row, if it still carries this writer's fencing token."""
+        if row is None or self.token is None or row.token != self.token:
             raise NodeFenced(f"node id {self.node!r} is leased by another process")
-        return _NodeRow(row["token"], row["head_idx"], bytes(row["head_hash"]), row["lease_until"])
+        return row
 
     async def _lock_row(self, conn: AsyncConnection) -> Any:
         return (await conn.execute(_LOCK_NODE, {"b_node": self.node})).one_or_none()
@@ -486,10 +491,10 @@ async def write_audit(
     role: str | None = None,
 ) -> None:
     """Append journal records through ``writer``. Within a write that assigned seqs, records
-        that name no seq get the assigned range (callers cannot know it in advance), records that
-        name no room get the room, records with ``ts == 0`` get ``now`` and records without a role
-    get ``role`` (the actor's, when only the transaction knows it). ``begun``: a
-        statement has already run in this transaction (see :meth:`ChainWriter.append`)."""
+    that name no seq get the assigned range (callers cannot know it in advance), records that
+    name no room get the room, records with ``ts == 0`` get ``now`` and records without a role
+    get ``role`` (the actor's, when only the transaction knows it). ``begun``: a statement
+    has already run in this transaction (see :meth:`ChainWriter.append`)."""
     out = []
     for rec in records:
         changes: dict[str, Any] = {}
