@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
@@ -75,6 +76,8 @@ async def main(host: str, port: int) -> None:
         max_queue=64,
         backlog=4096,
     ):
+        gc.collect()  # as medrelay serve does after start-up (server/medrelay_server/heap.py)
+        gc.freeze()
         await stop
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -337,6 +338,10 @@ class Worker:
                     t += period
         plan.sort(key=lambda p: p[0])
         self._plan = plan
+        # the window's frames and the clients are live until op_run ends: out of the
+        # collector's reach, so that no full collection pauses this process mid-window
+        gc.collect()
+        gc.freeze()
         return {"frames": len(plan), "seconds": time.monotonic() - t0}
 
     def _frame(self, m: Member, no: int, body_size: int) -> bytes:
@@ -411,6 +416,7 @@ class Worker:
             if now - max(self.last_arrival, end) >= quiet and acked:
                 break
         self._plan = []
+        gc.unfreeze()
         return self._records(first, last, late)
 
     def _refused(self) -> int:

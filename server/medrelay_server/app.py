@@ -24,6 +24,7 @@ from .gateway.context import Gateway
 from .gateway.direct import CaptureProtocol
 from .gateway.endpoint import websocket_endpoint
 from .handlers import HANDLERS
+from .heap import HeapWatch
 from .journal.anchoring import AnchorService
 from .journal.delivery import DeliveryJournal
 from .metrics import Metrics
@@ -45,14 +46,18 @@ def create_app(
     signin: IdentityStack | None = None,
     anchors: AnchorService | None = None,
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
+    freeze_heap: bool = False,
 ) -> Starlette:
     """Build the app. ``identity`` checks bearer tokens; ``signin`` (institutions' OIDC
     sign-in, token refresh, the practitioner register and its re-check job) is optional:
     the embedded default runs the development issuer instead. ``anchors`` periodically
     signs the journal's chain heads and pushes them to the witnesses (and renews this
     node's journal lease). ``background`` jobs (e.g. the retention purge) run until the
-    event they are given is set at shutdown."""
+    event they are given is set at shutdown. ``freeze_heap``: once started, freeze the
+    start-up heap out of the garbage collector's reach (``heap.py``); process-wide, so only
+    the process's entry point sets it."""
     metrics = Metrics()
+    heap = HeapWatch(metrics.gc_pauses, metrics.gc_frozen)
     registry = Registry()
     journal = DeliveryJournal(store, clock)
     delivery = Delivery(
@@ -105,9 +110,13 @@ def create_app(
             tasks.append(
                 asyncio.create_task(rechecker.run_forever(clock, settings.recheck_interval))
             )
+        heap.install()
+        if freeze_heap:
+            log.info("start-up heap frozen: %d objects", heap.freeze_startup())
         try:
             yield
         finally:
+            heap.remove()
             stop.set()
             await delivery.close()
             try:

@@ -21,9 +21,12 @@ from starlette.applications import Starlette
 from .settings import Settings
 
 
-def build_app(settings: Settings, *, instance_holder: str | None = None) -> Starlette:
+def build_app(
+    settings: Settings, *, instance_holder: str | None = None, freeze_heap: bool = False
+) -> Starlette:
     """The node's app. ``instance_holder``: the holder id of this node instance's claim
-    (``nodeinstance``), held by the caller for the life of the process."""
+    (``nodeinstance``), held by the caller for the life of the process. ``freeze_heap``: the
+    process is this app's alone (``heap.py``)."""
     from .app import create_app
     from .auth.base import IdentityProvider
     from .auth.dev import DevIssuer
@@ -93,6 +96,7 @@ def build_app(settings: Settings, *, instance_holder: str | None = None) -> Star
         signin=signin,
         anchors=anchors,
         background=jobs,
+        freeze_heap=freeze_heap,
     )
     return app
 
@@ -136,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     except NodeInUse as exc:
         print(f"medrelay serve: {exc}", file=sys.stderr)
         return 1
-    app = build_app(settings, instance_holder=instance.holder)
+    app = build_app(settings, instance_holder=instance.holder, freeze_heap=True)
     print(f"medrelay listening on ws://{args.host}:{args.port}/ws (data in {args.data_dir})")
     uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .heap import PAUSE_BUCKETS
+
 # seconds: a send's durable store is a group commit of a few round trips plus a WAL flush
 STORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -32,6 +34,18 @@ class Metrics:
         )
         self.errors = Counter("medrelay_errors_total", "Errors sent, by code", ["code"], registry=r)
         self.closes = Counter("medrelay_closes_total", "Closes, by code", ["code"], registry=r)
+        self.gc_pauses = Histogram(
+            "medrelay_gc_pause_seconds",
+            "Event-loop pauses for the cyclic garbage collector, by generation",
+            ["generation"],
+            buckets=PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.gc_frozen = Gauge(
+            "medrelay_gc_frozen_objects",
+            "Start-up objects moved out of the collector's reach (gc.freeze)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
