@@ -9,9 +9,24 @@ runs every few seconds, so it shows as a single slow window in the send-to-deliv
 
 :meth:`HeapWatch.freeze_startup` collects once and then ``gc.freeze()``s what survived:
 those objects move to the permanent generation, which no collection walks, and later
-collections only walk what the server allocated while running. It is a process-wide
-step, so only the process's entry point asks for it (``medrelay serve``: ``create_app``'s
-``freeze_heap``); an app built in a test process does not freeze its host.
+collections only walk what the server allocated while running.
+
+That is not enough on its own. A loaded node's running heap is about 190 objects per
+connection (the coroutines of each connection's read path, queues, events): 86,000 with
+450 connections, and a full collection over it still took 45-80 ms here, every 10-50 s
+under load, because with CPython's default thresholds (700, 10, 10) a young collection
+runs every 700 allocations and promotes whatever is in flight at that moment (a send's
+futures and frames, waiting on a database round trip), so the old generation fills with
+objects that die soon after. :data:`THRESHOLDS` lets a young collection wait for 10,000
+allocations, by which time most of a send's objects have died by reference counting, and
+asks for a full collection only after 5,000 young ones; the send path makes almost no
+cyclic garbage (sampled with ``gc.DEBUG_SAVEALL`` under load), so the longer wait holds
+little memory. Room and membership changes do make cycles: a young collection after a
+burst of them took up to 10 ms.
+
+Both are process-wide steps, so only the process's entry point asks for them (``medrelay
+serve``: ``create_app``'s ``freeze_heap``); an app built in a test process leaves its host's
+collector alone.
 
 The pauses themselves are on ``/metrics`` as ``medrelay_gc_pause_seconds`` (by generation),
 with the number of frozen objects in ``medrelay_gc_frozen_objects``.
@@ -28,6 +43,9 @@ from prometheus_client import Gauge, Histogram
 # seconds: a young collection is tens of microseconds; a full one over the start-up heap
 # was 50-70 ms
 PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+# young collection every 10,000 net allocations; a middle one every 50 young ones; a full
+# one every 100 middle ones (and, as always, only once the old generation grew by a quarter)
+THRESHOLDS = (10_000, 50, 100)
 
 
 class HeapWatch:
@@ -56,10 +74,11 @@ class HeapWatch:
             gc.callbacks.remove(self._on_gc)
 
     def freeze_startup(self) -> int:
-        """Collect what start-up left behind, then freeze the rest; returns how many
-        objects are now frozen."""
+        """Collect what start-up left behind, freeze the rest and set :data:`THRESHOLDS`;
+        returns how many objects are now frozen."""
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*THRESHOLDS)
         count = gc.get_freeze_count()
         self._frozen.set(count)
         return count

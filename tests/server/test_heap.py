@@ -8,7 +8,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from medrelay_server.heap import HeapWatch
+from medrelay_server.heap import THRESHOLDS, HeapWatch
 from medrelay_server.metrics import Metrics
 
 
@@ -56,10 +56,14 @@ def test_nothing_is_timed_after_removal(watch: tuple[Metrics, HeapWatch]) -> Non
 def test_freeze_startup_freezes_the_live_heap(watch: tuple[Metrics, HeapWatch]) -> None:
     metrics, heap = watch
     assert gc.get_freeze_count() == 0  # nothing else in the test process froze its host
+    before = gc.get_threshold()
+    assert before != THRESHOLDS
     try:
         frozen = heap.freeze_startup()
         # the test process's imported code alone is tens of thousands of objects
         assert frozen == gc.get_freeze_count() > 10_000
         assert metrics.registry.get_sample_value("medrelay_gc_frozen_objects") == frozen
+        assert gc.get_threshold() == THRESHOLDS
     finally:
         gc.unfreeze()
+        gc.set_threshold(*before)
