@@ -110,10 +110,10 @@ def create_app(
             tasks.append(
                 asyncio.create_task(rechecker.run_forever(clock, settings.recheck_interval))
             )
-        heap.install()
-        if freeze_heap:
-            log.info("start-up heap frozen: %d objects", heap.freeze_startup())
-        try:
+        try:  # inside the try: a failed freeze still stops the tasks and removes the timer
+            heap.install()
+            if freeze_heap:
+                log.info("start-up heap frozen: %d objects", heap.freeze_startup())
             yield
         finally:
             heap.remove()
