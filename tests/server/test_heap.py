@@ -21,12 +21,18 @@ def _count(metrics: Metrics, generation: int) -> float:
 
 @pytest.fixture
 def watch() -> Iterator[tuple[Metrics, HeapWatch]]:
+    """Automatic collections are off meanwhile (one could run between the test's reads),
+    so only the test's own ``gc.collect`` calls are counted."""
     metrics = Metrics()
     heap = HeapWatch(metrics.gc_pauses, metrics.gc_frozen)
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         yield metrics, heap
     finally:
         heap.remove()
+        if enabled:
+            gc.enable()
 
 
 def test_each_collection_is_timed_under_its_generation(
