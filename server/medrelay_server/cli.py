@@ -97,6 +97,7 @@ def build_app(
         anchors=anchors,
         background=jobs,
         freeze_heap=freeze_heap,
+        room_homes=settings.room_homes and settings.broker_url is not None,
     )
     return app
 
@@ -131,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
         purge_interval_hours=args.purge_interval_hours,
         anchor_interval_seconds=args.anchor_interval_seconds,
+        room_homes=not args.no_room_homes,
         dev_key_file=Path(args.dev_key_file) if args.dev_key_file else None,
         device_retire_after_seconds=args.device_retire_after_days * 86400,
     )
@@ -279,6 +281,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=float(env("MEDRELAY_PURGE_INTERVAL_HOURS", "24")),
         help="retention purge period on this node; 0 disables (run it on one node only)",
+    )
+    serve.add_argument(
+        "--no-room-homes",
+        action="store_true",
+        default=env("MEDRELAY_ROOM_HOMES", "1") == "0",
+        help="with --broker-url: store every send on the node it arrived at, instead of on"
+        " its room's home node (docs/operations.md)",
     )
     serve.add_argument(
         "--anchor-interval-seconds",

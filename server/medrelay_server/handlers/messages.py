@@ -75,7 +75,9 @@ async def _store_and_fan_out(
         conn, kind, room=frame.room, mid=frame.mid, detail=detail, patient_tag=frame.patient_tag
     )
     started = time.monotonic()
-    result = await gw.store.append_message(
+    # in a cluster, on the room's home node (homes.py): one node takes a room's lock
+    append = gw.store.append_message if gw.homes is None else gw.homes.append_message
+    result = await append(
         frame.room,
         user=conn.user,
         device=conn.device,
