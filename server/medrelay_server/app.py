@@ -92,6 +92,7 @@ def create_app(
             store=store,
             scope=generation,
             broker=broker,
+            publish=delivery.publish,
             node=settings.node_id,
             metrics=metrics,
             max_body=settings.limits.max_frame + 64 * 1024,

@@ -18,9 +18,12 @@ pipeline ever takes a room's lock.
   or held move.
 * **What moves.** The origin (the node the sender is connected to) checks the frame, the
   rate limit and the envelope's signature as before, then sends the store call's arguments
-  to ``home:<scope>:<node>``; the home runs them through ``Store.append_message`` and
-  replies with seq, time and whether it was a retry. The origin then acks and publishes,
-  exactly as after a local store. The home trusts the origin's word for who sent it, as
+  to ``home:<scope>:<node>``; the home runs them through ``Store.append_message``,
+  publishes the event and replies with seq, time and whether it was a retry; the origin
+  acks. The home publishes, not the origin, so that each room's events have one publisher
+  and reach every node in seq order (the broker keeps order per publisher only): events
+  from two publishers would cross, and every crossing costs each node a gap read from the
+  store. The home trusts the origin's word for who sent it, as
   every node already trusts the broker's room events. ``scope`` is the database's stream
   generation, so clusters of different databases sharing a Redis never reach each other.
 * **The database stays the authority.** A home only decides which node takes a room's
@@ -78,6 +81,7 @@ class RoomHomes:
         store: Store,
         scope: Callable[[], Awaitable[str]],
         broker: Broker,
+        publish: Callable[[Sequence[StoredEvent]], Awaitable[None]],
         node: str,
         metrics: Metrics,
         max_body: int,
@@ -89,6 +93,7 @@ class RoomHomes:
         self.store = store
         self._read_scope = scope
         self.broker = broker
+        self.publish = publish
         self.node = node
         self.metrics = metrics
         self.max_body = max_body
@@ -250,7 +255,7 @@ class RoomHomes:
                     payload=envelope,
                     mid=mid,
                 )
-                return AppendResult(event=event, duplicate=duplicate)
+                return AppendResult(event=event, duplicate=duplicate, published=True)
         self.metrics.home_sends.labels(path="fallback").inc()
         return await self.store.append_message(room, **kw)
 
@@ -344,6 +349,11 @@ class RoomHomes:
             result = await self.store.append_message(room, **kw)
             self.metrics.home_sends.labels(path="served").inc()
             event = result.event
+            if not result.duplicate:  # one publisher per room: its events go out in seq order
+                try:
+                    await self.publish([event])
+                except Exception:  # stored: the nodes' gap reads and polls deliver it (I8)
+                    log.exception("publishing a forwarded send failed")
             answer = [_REPLY, rid, event.seq, event.ts, result.duplicate]
         except StoreUnavailable as exc:
             answer = [_REFUSAL, rid, int(exc.code), exc.message[:256], True]

@@ -59,10 +59,16 @@ class Node:
         async def scope() -> str:
             return "gen-1"
 
+        self.published: list[StoredEvent] = []
+
+        async def publish(events: Sequence[StoredEvent]) -> None:
+            self.published.extend(events)
+
         self.homes = RoomHomes(
             store=self.store,  # type: ignore[arg-type]
             scope=scope,
             broker=broker,
+            publish=publish,
             node=name,
             metrics=self.metrics,
             max_body=64 * 1024,
@@ -167,11 +173,14 @@ async def test_a_send_is_stored_by_its_rooms_home(pair: tuple[Node, Node]) -> No
     ev = result.event
     assert (ev.room, ev.seq, ev.ts, ev.sender_user, ev.sender_device) == (room, 1, 1001, "u1", "d1")
     assert ev.payload == sent["envelope"] and ev.mid == sent["mid"] and not result.duplicate
+    # the home published it (one publisher per room keeps its events in seq order)
+    assert result.published and [e.seq for e in b.published] == [1] and a.published == []
     assert a.count("forwarded") == 1 and b.count("served") == 1
     # and the other way round: rooms homed at a are stored by a
     mine = room_homed_at("node-a", a.homes.nodes)
-    await a.homes.append_message(mine, **send_args(mine))
+    local = await a.homes.append_message(mine, **send_args(mine))
     assert [r for r, _ in a.store.calls] == [mine] and a.count("local") == 1
+    assert not local.published  # the handler publishes what its own node stored
 
 
 async def test_the_homes_refusal_reaches_the_sender(pair: tuple[Node, Node]) -> None:
@@ -192,7 +201,7 @@ async def test_a_home_whose_store_is_unavailable_leaves_the_send_to_the_sender(
     b.store.fail = StoreUnavailable("fenced")
     result = await a.homes.append_message(room, **send_args(room))
     assert [r for r, _ in a.store.calls] == [room] and result.event.seq == 1
-    assert a.count("fallback") == 1
+    assert a.count("fallback") == 1 and not result.published and b.published == []
 
 
 async def test_a_silent_home_is_stored_around_and_skipped_for_a_while(

@@ -94,7 +94,8 @@ async def _store_and_fan_out(
     gw.reply(conn, Ack(rid=frame.rid, room=ev.room, seq=ev.seq, mid=frame.mid, ts=ev.ts))
     if not result.duplicate:
         gw.metrics.sends.inc()
-        await gw.delivery.publish([ev])
+        if not result.published:
+            await gw.delivery.publish([ev])
 
 
 async def handle_send(gw: Gateway, conn: Connection, frame: Send) -> None:
