@@ -1,12 +1,12 @@
 """Room homes: in a cluster, each room's sends are stored by one node, the room's home.
 
 Every send locks its room's row (the seq counter) in a group-commit batch until that batch
-commits. When two gateway nodes take sends for the same rooms, each node's batch waits for
-the other's commit on those rows, the two pipelines run one after the other with half-size
-batches, and two nodes deliver less than one (``docs/performance.md``, "Two nodes over
-Redis"). So a send for a room whose home is another node is forwarded to that node over the
-broker, stored in the home's own group commit, and answered with its seq: only one
-pipeline ever takes a room's lock.
+commits. When two gateway nodes take sends for the same rooms, each node's batches wait for
+the other's commits on those rows (0.3-1.1 database sessions waiting on a lock at the
+two-node maximum, against 0.1-0.2 with one node: ``docs/performance.md``, "Two nodes over
+Redis"), and every node added makes it worse. So a send for a room whose home is another
+node is forwarded to that node over the broker, stored in the home's own group commit, and
+answered with its seq: only one node's pipeline takes a room's lock.
 
 * **Which node.** Every node says it is up on ``home:<scope>`` every ``refresh`` seconds
   (and goodbye when it stops); the live nodes are those heard within ``3 * refresh``, this
@@ -23,14 +23,15 @@ pipeline ever takes a room's lock.
   acks. The home publishes, not the origin, so that each room's events have one publisher
   and reach every node in seq order (the broker keeps order per publisher only): events
   from two publishers would cross, and every crossing costs each node a gap read from the
-  store. The home trusts the origin's word for who sent it, as
-  every node already trusts the broker's room events. ``scope`` is the database's stream
+  store. The home trusts the origin's word for who sent it, as every node already trusts
+  the broker's room events. ``scope`` is the database's stream
   generation, so clusters of different databases sharing a Redis never reach each other.
 * **The database stays the authority.** A home only decides which node takes a room's
   lock, never what is stored: membership, epoch and role are checked inside the home's
   transaction, and the journal record says which node the client was connected to
-  (``source``). If two nodes briefly disagree about the live nodes, both store sends for a
-  room, correctly, with the lock contention this module exists to avoid.
+  (``source`` = ``node:<id>``; the chain it is in is the home's). If two nodes briefly
+  disagree about the live nodes, both store sends for a room, correctly, with the lock
+  contention this module exists to avoid.
 * **When the home does not answer.** No reply within ``timeout`` (the home crashed, the
   broker lost the message), a refused publish, a home reporting its store unavailable, or
   more than ``max_inflight`` forwards waiting: the origin stores the send itself, and skips
@@ -397,7 +398,7 @@ def _parse_request(msg: list[Any]) -> tuple[str, int, str, dict[str, Any]]:
             raise FrameError("bad audit value")
         record = AuditRecord(**dict(zip(_AUDIT_FIELDS, row, strict=True)))
         # the journal names the node that committed; ``source`` keeps the one the client used
-        records.append(dataclasses.replace(record, source=record.source or origin))
+        records.append(dataclasses.replace(record, source=record.source or f"node:{origin}"))
     kw = {
         "user": user,
         "device": device,

@@ -169,7 +169,7 @@ async def test_a_send_is_stored_by_its_rooms_home(pair: tuple[Node, Node]) -> No
         assert kw[key] == sent[key], key
     # the record keeps the node the client was connected to; the home's journal adds its own
     (record,) = kw["audit"]
-    assert record.source == "node-a" and record.room == room and record.user == "u1"
+    assert record.source == "node:node-a" and record.room == room and record.user == "u1"
     ev = result.event
     assert (ev.room, ev.seq, ev.ts, ev.sender_user, ev.sender_device) == (room, 1, 1001, "u1", "d1")
     assert ev.payload == sent["envelope"] and ev.mid == sent["mid"] and not result.duplicate
