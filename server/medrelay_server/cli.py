@@ -56,6 +56,7 @@ def build_app(
         node_id=settings.node_id,
         clock=clock,
         instance_holder=instance_holder,
+        pool_size=settings.database_pool_size,
     )
     identity: IdentityProvider
     signin: IdentityStack | None = None
@@ -123,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir),
         database_url=args.database_url,
         database_schema=args.database_schema,
+        database_pool_size=args.database_pool_size,
         broker_url=args.broker_url,
         node_id=args.node_id,
         host=args.host,
@@ -244,6 +246,13 @@ def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--database-schema", default=env("MEDRELAY_DATABASE_SCHEMA"))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env = os.environ.get
     serve = sub.add_parser("serve", help="run a gateway node")
@@ -281,6 +290,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=float(env("MEDRELAY_PURGE_INTERVAL_HOURS", "24")),
         help="retention purge period on this node; 0 disables (run it on one node only)",
+    )
+    serve.add_argument(
+        "--database-pool-size",
+        type=_positive_int,
+        default=int(env("MEDRELAY_DATABASE_POOL_SIZE", "15")),
+        help="PostgreSQL connections kept open by this node, plus up to 5 in a burst",
     )
     serve.add_argument(
         "--no-room-homes",

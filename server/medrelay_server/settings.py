@@ -31,6 +31,8 @@ class Settings:
     data_dir: Path = Path("medrelay-data")
     database_url: str | None = None
     database_schema: str | None = None
+    database_pool_size: int = 15
+    """PostgreSQL connections this node keeps open (plus up to 5 in a burst)."""
     broker_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8700

@@ -55,6 +55,16 @@ _DRIVERS = {
 }
 
 
+DEFAULT_POOL_SIZE = 15
+"""PostgreSQL connections a node keeps open. Under load a node runs two send batches, the
+delivery journal's flush, receipts, catch-up and gap reads at once; SQLAlchemy's default
+(5 kept, 10 more opened and closed on demand) made an overloaded node open and close 90-110
+sessions a window, each a backend fork and asyncpg's set-up (docs/performance.md, "Fifth
+round")."""
+POOL_OVERFLOW = 5
+"""Connections opened beyond the pool in a burst, closed again when returned."""
+
+
 class Database:
     """One engine plus the transaction discipline of its dialect.
 
@@ -62,7 +72,11 @@ class Database:
     transaction that commits on normal exit and rolls back on an exception.
     """
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, schema: str | None = None, pool_size: int = DEFAULT_POOL_SIZE
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError("the connection pool needs at least one connection")
         parsed = make_url(url)
         driver = _DRIVERS.get(parsed.drivername)
         if driver is None:
@@ -84,7 +98,11 @@ class Database:
             if schema is not None:
                 connect_args["server_settings"] = {"search_path": schema}
             self.engine = create_async_engine(
-                parsed, connect_args=connect_args, pool_pre_ping=False
+                parsed,
+                connect_args=connect_args,
+                pool_pre_ping=False,
+                pool_size=pool_size,
+                max_overflow=POOL_OVERFLOW,
             )
         self._writer: AsyncEngine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None

@@ -43,7 +43,7 @@ from .base import (
     StoredEvent,
     StoreUnavailable,
 )
-from .engine import Database
+from .engine import DEFAULT_POOL_SIZE, Database
 from .group import GroupCommitter
 from .rows import EVENTS_CHANNEL, current_role, get_room
 
@@ -99,8 +99,9 @@ class SqlStore:
         journal: bool = True,
         group_commit: bool = True,
         instance_holder: str | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        self._db = Database(url, schema=schema)
+        self._db = Database(url, schema=schema, pool_size=pool_size)
         self.writer = ChainWriter(
             node_id,
             clock=clock or SystemClock(),

@@ -1,0 +1,56 @@
+"""The PostgreSQL connection pool keeps ``pool_size`` sessions open across bursts
+(``store/engine.py``): a burst that fits the pool reuses its sessions, where SQLAlchemy's
+default of 5 would open and close one backend per extra connection each time (the overloaded
+nodes of ``docs/performance.md`` "Fifth round" opened 90-110 sessions a window)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from medrelay_server.store.engine import POOL_OVERFLOW, Database
+
+from .conftest import PG_URL
+
+pytestmark = pytest.mark.postgres
+
+
+async def _burst(db: Database, n: int) -> set[int]:
+    """``n`` read transactions open at once; the backend pid of each."""
+    together = asyncio.Barrier(n)
+
+    async def one() -> int:
+        async with db.read() as conn:
+            pid = int((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+            await together.wait()  # every connection is checked out at the same time
+            return pid
+
+    async with asyncio.timeout(30):
+        return set(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_a_burst_that_fits_the_pool_reuses_its_sessions() -> None:
+    db = Database(PG_URL, pool_size=8)
+    try:
+        first = await _burst(db, 8)
+        assert len(first) == 8
+        assert await _burst(db, 8) == first
+    finally:
+        await db.dispose()
+
+
+async def test_connections_beyond_the_pool_are_closed_after_the_burst() -> None:
+    db = Database(PG_URL, pool_size=2)
+    try:
+        first = await _burst(db, 2 + POOL_OVERFLOW)
+        second = await _burst(db, 2 + POOL_OVERFLOW)
+        # the two kept sessions come back; the overflow ones were new backends each time
+        assert len(first & second) == 2
+    finally:
+        await db.dispose()
+
+
+def test_a_pool_needs_a_connection() -> None:
+    with pytest.raises(ValueError):
+        Database(PG_URL, pool_size=0)
