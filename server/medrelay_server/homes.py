@@ -24,7 +24,10 @@ answered with its seq: only one node's pipeline takes a room's lock.
   and reach every node in seq order (the broker keeps order per publisher only): events
   from two publishers would cross, and every crossing costs each node a gap read from the
   store. The home trusts the origin's word for who sent it, as every node already trusts
-  the broker's room events. ``scope`` is the database's stream
+  the broker's room events: the broker is inside the deployment's trust boundary (a
+  private network, Redis ACLs and TLS: ``docs/operations.md`` section 5). Envelopes stay
+  signed end to end, so a forged forward could not pass as a device's message at the
+  recipients, but it would be stored. ``scope`` is the database's stream
   generation, so clusters of different databases sharing a Redis never reach each other.
 * **The database stays the authority.** A home only decides which node takes a room's
   lock, never what is stored: membership, epoch and role are checked inside the home's
@@ -48,6 +51,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -109,7 +113,9 @@ class RoomHomes:
         self._pending: dict[int, tuple[str, asyncio.Future[list[Any]]]] = {}
         """Forwards waiting for their answer: request id -> (home, future)."""
         self._serving: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
+        # from a random start: a late answer meant for this node's previous process (same
+        # node id, before a restart) must not match a forward of this one
+        self._ids = itertools.count(secrets.randbelow(1 << 62))
         self._scope = ""
         self._heard: dict[str, float] = {}
         """Other nodes -> when they were last heard (event-loop time)."""
