@@ -294,7 +294,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument(
         "--database-pool-size",
         type=_positive_int,
-        default=int(env("MEDRELAY_DATABASE_POOL_SIZE", "15")),
+        default=env("MEDRELAY_DATABASE_POOL_SIZE", "15"),  # a string: checked by the type
         help="PostgreSQL connections kept open by this node, plus up to 5 in a burst",
     )
     serve.add_argument(

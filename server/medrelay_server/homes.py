@@ -10,25 +10,28 @@ answered with its seq: only one node's pipeline takes a room's lock.
 
 * **Which node.** Every node says it is up on ``home:<scope>`` every ``refresh`` seconds
   (and goodbye when it stops); the live nodes are those heard within ``3 * refresh``, this
-  one always included. Heard over the broker is the test that matters: it is the path a
-  forward takes. (The journal's leases would not do: admin commands and the anchoring
-  signer hold leases too, and a crashed node's lease lasts a minute.) A room's home is the
-  live node with the highest hash of (node, room) (rendezvous hashing): every node computes
-  the same home from the same list, and when a node joins or leaves only the rooms it wins
-  or held move.
+  one always included. Hearing a node shows that the broker carries its messages here; a
+  node that cannot hear us is found by the forward's timeout. (The journal's leases would
+  not do: admin commands and the anchoring signer hold leases too, and a crashed node's
+  lease lasts a minute.) A room's home is the live node with the highest hash of (node,
+  room) (rendezvous hashing): every node computes the same home from the same list, and
+  when a node joins or leaves only the rooms it wins or held move.
 * **What moves.** The origin (the node the sender is connected to) checks the frame, the
   rate limit and the envelope's signature as before, then sends the store call's arguments
   to ``home:<scope>:<node>``; the home runs them through ``Store.append_message``,
   publishes the event and replies with seq, time and whether it was a retry; the origin
-  acks. The home publishes, not the origin, so that each room's events have one publisher
-  and reach every node in seq order (the broker keeps order per publisher only): events
-  from two publishers would cross, and every crossing costs each node a gap read from the
-  store. The home trusts the origin's word for who sent it, as every node already trusts
+  acks. The home publishes, not the origin, so that a room's sends are published by one
+  node: events from two publishers cross, and each crossing costs every receiving node a
+  gap read from the store. (Roster changes and grants are still published by the node
+  that stored them, and the Redis broker's pooled publishes can overtake each other: a
+  crossing is rarer, never a wrong order, since the hubs process by seq.)
+* **Trust.** The home takes the origin's word for who sent it, as every node already takes
   the broker's room events: the broker is inside the deployment's trust boundary (a
   private network, Redis ACLs and TLS: ``docs/operations.md`` section 5). Envelopes stay
   signed end to end, so a forged forward could not pass as a device's message at the
-  recipients, but it would be stored. ``scope`` is the database's stream
-  generation, so clusters of different databases sharing a Redis never reach each other.
+  recipients, but it would be stored. ``scope`` is the database's stream generation, so
+  clusters of different databases sharing a Redis never reach each other; it is re-read
+  every ``rescope_every`` hellos (a restore changes it).
 * **The database stays the authority.** A home only decides which node takes a room's
   lock, never what is stored: membership, epoch and role are checked inside the home's
   transaction, and the journal record says which node the client was connected to
@@ -36,11 +39,14 @@ answered with its seq: only one node's pipeline takes a room's lock.
   disagree about the live nodes, both store sends for a room, correctly, with the lock
   contention this module exists to avoid.
 * **When the home does not answer.** No reply within ``timeout`` (the home crashed, the
-  broker lost the message), a refused publish, a home reporting its store unavailable, or
-  more than ``max_inflight`` forwards waiting: the origin stores the send itself, and skips
-  an unanswering node for ``suspend`` seconds. The store call is idempotent on (room,
-  device, mid), so a home that stored it after all and the origin's own store give one
-  event. A single node, and the embedded default, never forward.
+  broker lost the message, the home is overloaded past it), a publish the broker refuses
+  (the Redis broker drops instead, and the timeout answers), a home reporting its store
+  unavailable or itself busy, or more than ``max_inflight`` forwards or ``max_bytes`` of
+  envelopes waiting: the origin stores the send itself, and skips a node that did not
+  answer for ``suspend`` seconds (correct, with the lock contention back for its rooms).
+  The store call is idempotent on (room, device, mid), so a home that stored it after all
+  and the origin's own store give one event. A single node, and the embedded default,
+  never forward.
 """
 
 from __future__ import annotations
@@ -94,6 +100,8 @@ class RoomHomes:
         suspend: float = 10.0,
         refresh: float = 2.0,
         max_inflight: int = 4096,
+        max_bytes: int = 64 << 20,
+        rescope_every: int = 15,
     ) -> None:
         self.store = store
         self._read_scope = scope
@@ -106,6 +114,11 @@ class RoomHomes:
         self.suspend = suspend
         self.refresh = refresh
         self.max_inflight = max_inflight
+        self.max_bytes = max_bytes
+        """Envelope bytes held by forwards waiting (origin) and by forwards being stored
+        (home), each: beyond it the origin stores sends itself and the home says busy."""
+        self.rescope_every = rescope_every
+        """Hellos between re-reads of the stream generation (after a restore it changes)."""
         self.nodes: tuple[str, ...] = (node,)
         metrics.cluster_nodes.set(1)
         self._homes: dict[str, str] = {}
@@ -113,6 +126,11 @@ class RoomHomes:
         self._pending: dict[int, tuple[str, asyncio.Future[list[Any]]]] = {}
         """Forwards waiting for their answer: request id -> (home, future)."""
         self._serving: set[asyncio.Task[None]] = set()
+        self._answering: set[asyncio.Task[None]] = set()
+        self._pending_bytes = 0
+        self._serving_bytes = 0
+        self._say_lock = asyncio.Lock()
+        self._closing = False
         # from a random start: a late answer meant for this node's previous process (same
         # node id, before a restart) must not match a forward of this one
         self._ids = itertools.count(secrets.randbelow(1 << 62))
@@ -134,39 +152,77 @@ class RoomHomes:
         await self._say(_HELLO)
 
     async def close(self) -> None:
-        if not self._scope:  # never started
+        if not self._scope or self._closing:  # never started, or closed
             return
-        await self._say(_BYE)
+        self._closing = True
+        await self._say(_BYE)  # after any hello in flight (one at a time): it lands last
+        await self._unsubscribe()
+        if self._serving:  # forwards already taken are stored and answered, within bounds
+            await asyncio.wait(set(self._serving), timeout=self.timeout)
+        for task in list(self._serving | self._answering):
+            task.cancel()
+        # this node's own forwards still waiting: their senders' handlers store them here
+        self._release(lambda home: True, "stopping")
+        self._heard.clear()
+        self._set_nodes()
+
+    async def _unsubscribe(self) -> None:
         for topic, handler in (
             (self.topic(self.node), self._on_message),
             (self.topic(), self._on_presence),
         ):
             with contextlib.suppress(Exception):
                 await self.broker.unsubscribe(topic, handler)
-        if self._serving:  # forwards already taken are stored and answered, within bounds
-            await asyncio.wait(set(self._serving), timeout=self.timeout)
-        for task in list(self._serving):
-            task.cancel()
-        for _, future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
+
+    def _release(self, which: Callable[[str], bool], why: str) -> None:
+        """Answer waiting forwards to the homes ``which`` selects as unavailable: their
+        senders' nodes store the sends themselves, at once."""
+        for home, future in self._pending.values():
+            if which(home) and not future.done():
+                future.set_result([_REFUSAL, 0, int(ErrorCode.UNAVAILABLE), why, True])
 
     async def _say(self, what: str) -> None:
-        try:
-            await self.broker.publish(self.topic(), pack_body([what, self.node]))
-        except Exception:  # the broker is down: the others stop hearing us, as they should
-            log.warning(
-                "could not tell the other nodes this one is %s",
-                "up" if what == _HELLO else "stopping",
-            )
+        async with self._say_lock:
+            if what == _HELLO and self._closing:
+                return
+            try:
+                await self.broker.publish(self.topic(), pack_body([what, self.node]))
+            except Exception:  # the broker is down: the others stop hearing us
+                log.warning("could not reach the other nodes")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Say hello every ``refresh`` seconds and forget nodes not heard for three."""
-        while not stop.is_set():
+        """Say hello every ``refresh`` seconds, forget nodes not heard for three, and
+        follow the stream generation (``rescope_every`` hellos)."""
+        ticks = 0
+        while not stop.is_set() and not self._closing:
+            ticks += 1
+            if ticks % self.rescope_every == 0:
+                await self._rescope()
             await self._say(_HELLO)
             self._expire()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.refresh)
+
+    async def _rescope(self) -> None:
+        """After a restore the database has a new stream generation, and nodes started
+        since then use it: move to it, or the two groups would never hear each other."""
+        try:
+            scope = await self._read_scope()
+        except Exception:  # the store is down: keep the scope we have
+            return
+        if scope == self._scope or self._closing:
+            return
+        log.info("stream generation changed: room homes follow it")
+        await self._unsubscribe()
+        self._release(lambda home: True, "rescoped")
+        self._scope = scope
+        self._heard.clear()
+        self._set_nodes()
+        try:
+            await self.broker.subscribe(self.topic(self.node), self._on_message)
+            await self.broker.subscribe(self.topic(), self._on_presence)
+        except Exception:  # alone until the broker is back: every send is stored here
+            log.warning("could not subscribe to the room-home topics")
 
     async def _on_presence(self, topic: str, payload: bytes) -> None:
         try:
@@ -187,10 +243,7 @@ class RoomHomes:
         elif self._heard.pop(node, None) is not None:
             self._suspended.pop(node, None)
             self._set_nodes()
-            # forwards it will not answer now: their senders' nodes store them at once
-            for home, future in self._pending.values():
-                if home == node and not future.done():
-                    future.set_result([_REFUSAL, 0, int(ErrorCode.UNAVAILABLE), "stopping", True])
+            self._release(lambda home: home == node, "stopping")  # it will not answer now
 
     def _expire(self) -> None:
         horizon = asyncio.get_running_loop().time() - 3 * self.refresh
@@ -247,7 +300,7 @@ class RoomHomes:
         if home == self.node:
             self.metrics.home_sends.labels(path="local").inc()
             return await self.store.append_message(room, **kw)
-        if self._reachable(home):
+        if self._reachable(home, len(envelope)):
             reply = await self._forward(home, room, kw)
             if reply is not None:
                 self.metrics.home_sends.labels(path="forwarded").inc()
@@ -266,14 +319,15 @@ class RoomHomes:
         self.metrics.home_sends.labels(path="fallback").inc()
         return await self.store.append_message(room, **kw)
 
-    def _reachable(self, node: str) -> bool:
+    def _reachable(self, node: str, size: int) -> bool:
         until = self._suspended.get(node)
-        if until is None:
-            return len(self._pending) < self.max_inflight
-        if asyncio.get_running_loop().time() >= until:
+        if until is not None:
+            if asyncio.get_running_loop().time() < until:
+                return False
             del self._suspended[node]
-            return len(self._pending) < self.max_inflight
-        return False
+        return (
+            len(self._pending) < self.max_inflight and self._pending_bytes + size <= self.max_bytes
+        )
 
     async def _forward(
         self, home: str, room: str, kw: dict[str, Any]
@@ -302,6 +356,8 @@ class RoomHomes:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._pending[rid] = (home, future)
+        size = len(kw["envelope"])
+        self._pending_bytes += size
         try:
             await self.broker.publish(self.topic(home), body)
             answer = await asyncio.wait_for(future, self.timeout)
@@ -314,6 +370,7 @@ class RoomHomes:
             return None
         finally:
             self._pending.pop(rid, None)
+            self._pending_bytes -= size
         if answer[0] == _REPLY:
             return int(answer[2]), int(answer[3]), bool(answer[4])
         code, message, unavailable = answer[2], answer[3], answer[4]
@@ -342,13 +399,29 @@ class RoomHomes:
             if waiting is not None and not waiting[1].done():
                 waiting[1].set_result(msg)
             return
-        origin, rid = request[0], request[1]
-        if len(self._serving) >= self.max_inflight:
-            await self._answer(origin, [_REFUSAL, rid, int(ErrorCode.UNAVAILABLE), "busy", True])
-            return
-        task = asyncio.create_task(self._serve(*request))
+        origin, rid, room, kw = request
+        size = len(kw["envelope"])
+        if (
+            len(self._serving) >= self.max_inflight
+            or self._serving_bytes + size > self.max_bytes
+            or self._closing
+        ):
+            # answered from a task: this handler holds up the broker's reader meanwhile
+            if len(self._answering) < self.max_inflight:
+                busy = [_REFUSAL, rid, int(ErrorCode.UNAVAILABLE), "busy", True]
+                answering = asyncio.create_task(self._answer(origin, busy))
+                self._answering.add(answering)
+                answering.add_done_callback(self._answering.discard)
+            return  # beyond that, the origin's timeout answers for us
+        self._serving_bytes += size
+        task = asyncio.create_task(self._serve(origin, rid, room, kw))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
+
+        def release(_: asyncio.Task[None]) -> None:
+            self._serving_bytes -= size
+
+        task.add_done_callback(release)
 
     async def _serve(self, origin: str, rid: int, room: str, kw: dict[str, Any]) -> None:
         answer: list[Any]

@@ -28,6 +28,7 @@ class NodeStore:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
+        self.duplicate = False
         self.entered = asyncio.Event()
 
     async def append_message(self, room: str, **kw: Any) -> AppendResult:
@@ -48,7 +49,7 @@ class NodeStore:
             payload=kw["envelope"],
             mid=kw["mid"],
         )
-        return AppendResult(event=event, duplicate=False)
+        return AppendResult(event=event, duplicate=self.duplicate)
 
 
 class Node:
@@ -72,7 +73,7 @@ class Node:
             node=name,
             metrics=self.metrics,
             max_body=64 * 1024,
-            refresh=0.05,
+            refresh=0.5,
             **kw,
         )
         self.stop = asyncio.Event()
@@ -298,9 +299,6 @@ async def test_a_busy_home_says_so_and_the_sender_stores_it() -> None:
         pack_body(["q", "node-a", "1", "r", "u", "d", b"m", b"e", "message", 1, False, 1, []]),
         pack_body(["q", "node-a", 1, "r", "u", "d", b"m", b"e", "message", 1, False, 1, [[1]]]),
         pack_body(["q", "node-a", 1, "r", "u", "d", b"m", b"e", "message", 1, False, 1, [{}]]),
-        pack_body(["r", 1, 2, 3]),
-        pack_body(["r", 1, "2", 3, False]),
-        pack_body(["e", 1, 999_999, "x", False]),
         b"\x91" + b"\xdd\xff\xff\xff\xff",  # a claimed 4-billion-element array
     ],
 )
@@ -330,3 +328,125 @@ async def test_nodes_not_heard_from_are_forgotten() -> None:
     finally:
         await a.close()
         await b.homes.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ["r", 2, 3],  # short
+        ["r", "seq", 3, False],
+        ["r", 5, "ts", False],
+        ["e", 999_999, "no such code", False],
+        ["e", int(ErrorCode.FORBIDDEN), b"not text", False],
+        ["x", 5, 6, False],
+    ],
+)
+async def test_bad_answers_to_a_waiting_forward_are_dropped(answer: list[object]) -> None:
+    a, b = await cluster(InMemoryBroker(), "node-a", "node-b", timeout=60.0)
+    try:
+        room = room_homed_at("node-b", a.homes.nodes)
+        b.store.gate = asyncio.Event()
+        waiting = asyncio.create_task(a.homes.append_message(room, **send_args(room)))
+        await b.store.entered.wait()
+        ((rid, (_, future)),) = a.homes._pending.items()
+        bad = [answer[0], rid, *answer[1:]]
+        await a.homes.broker.publish(a.homes.topic("node-a"), pack_body(bad))
+        assert not future.done()  # still waiting for the real answer
+        b.store.gate.set()
+        assert (await asyncio.wait_for(waiting, 5.0)).event.seq == 1
+        assert a.store.calls == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_retry_the_home_had_stored_comes_back_as_a_duplicate(
+    pair: tuple[Node, Node],
+) -> None:
+    a, b = pair
+    room = room_homed_at("node-b", a.homes.nodes)
+    b.store.duplicate = True
+    result = await a.homes.append_message(room, **send_args(room))
+    assert result.duplicate and result.published and result.event.seq == 1
+    assert b.published == []  # a retry is not published again
+
+
+async def test_a_late_answer_after_the_timeout_is_ignored() -> None:
+    a, b = await cluster(InMemoryBroker(), "node-a", "node-b", timeout=0.3)
+    try:
+        room = room_homed_at("node-b", a.homes.nodes)
+        b.store.gate = asyncio.Event()
+        fallback = await a.homes.append_message(room, **send_args(room))
+        assert [r for r, _ in a.store.calls] == [room] and not fallback.published
+        b.store.gate.set()  # b stores it after all and answers a forward nobody waits for
+
+        async def answered() -> bool:
+            return b.count("served") == 1 and not b.homes._serving
+
+        await until(answered)
+        assert a.homes._pending == {} and a.homes._pending_bytes == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_closing_releases_this_nodes_waiting_forwards() -> None:
+    a, b = await cluster(InMemoryBroker(), "node-a", "node-b", timeout=60.0)
+    try:
+        room = room_homed_at("node-b", a.homes.nodes)
+        b.store.gate = asyncio.Event()
+        waiting = asyncio.create_task(a.homes.append_message(room, **send_args(room)))
+        await b.store.entered.wait()
+        await a.close()  # a stops: its sender's send is stored here, not lost or cancelled
+        result = await asyncio.wait_for(waiting, 5.0)
+        assert [r for r, _ in a.store.calls] == [room] and result.event.seq == 1
+        assert a.homes.nodes == ("node-a",)
+        b.store.gate.set()
+    finally:
+        await b.close()
+
+
+async def test_a_home_over_its_byte_budget_says_busy() -> None:
+    a, b = await cluster(InMemoryBroker(), "node-a", "node-b", timeout=60.0)
+    try:
+        b.homes.max_bytes = 1500  # room for one 1 KiB envelope
+        room = room_homed_at("node-b", a.homes.nodes)
+        b.store.gate = asyncio.Event()
+        first = asyncio.create_task(a.homes.append_message(room, **send_args(room)))
+        await b.store.entered.wait()
+        second = await asyncio.wait_for(
+            a.homes.append_message(room, **send_args(room, mid=b"s" * 16)), 5.0
+        )
+        assert [r for r, _ in a.store.calls] == [room] and not second.published
+        b.store.gate.set()
+        assert (await first).published
+        assert b.homes._serving_bytes == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_nodes_follow_a_new_stream_generation() -> None:
+    broker = InMemoryBroker()
+    a, b = await cluster(broker, "node-a", "node-b")
+    try:
+        scope = "gen-2"
+
+        async def restored() -> str:
+            return scope
+
+        for n in (a, b):
+            n.homes._read_scope = restored
+        await a.homes._rescope()
+        assert a.homes.topic() == "home:gen-2" and a.homes.nodes == ("node-a",)
+        await b.homes._rescope()
+
+        async def together_again() -> bool:
+            return a.homes.nodes == b.homes.nodes == ("node-a", "node-b")
+
+        await until(together_again)
+        room = room_homed_at("node-b", a.homes.nodes)
+        assert (await a.homes.append_message(room, **send_args(room))).published
+    finally:
+        await a.close()
+        await b.close()
