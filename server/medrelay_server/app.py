@@ -25,7 +25,6 @@ from .gateway.direct import CaptureProtocol
 from .gateway.endpoint import websocket_endpoint
 from .handlers import HANDLERS
 from .heap import HeapWatch
-from .homes import RoomHomes
 from .journal.anchoring import AnchorService
 from .journal.delivery import DeliveryJournal
 from .metrics import Metrics
@@ -48,7 +47,6 @@ def create_app(
     anchors: AnchorService | None = None,
     background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
     freeze_heap: bool = False,
-    room_homes: bool = False,
 ) -> Starlette:
     """Build the app. ``identity`` checks bearer tokens; ``signin`` (institutions' OIDC
     sign-in, token refresh, the practitioner register and its re-check job) is optional:
@@ -57,9 +55,7 @@ def create_app(
     node's journal lease). ``background`` jobs (e.g. the retention purge) run until the
     event they are given is set at shutdown. ``freeze_heap``: once started, freeze the
     start-up heap out of the garbage collector's reach (``heap.py``); process-wide, so only
-    the process's entry point sets it. ``room_homes``: store each room's sends on its home
-    node (``homes.py``); for nodes sharing a broker and a database with a stream
-    generation."""
+    the process's entry point sets it."""
     metrics = Metrics()
     heap = HeapWatch(metrics.gc_pauses, metrics.gc_frozen)
     registry = Registry()
@@ -83,21 +79,6 @@ def create_app(
         journal=journal,
         handlers=dict(HANDLERS),
     )
-    homes: RoomHomes | None = None
-    if room_homes:
-        generation = getattr(store, "generation", None)
-        if generation is None:
-            raise ValueError("room homes need a store with a stream generation")
-        homes = RoomHomes(
-            store=store,
-            scope=generation,
-            broker=broker,
-            publish=delivery.publish,
-            node=settings.node_id,
-            metrics=metrics,
-            max_body=settings.limits.max_frame + 64 * 1024,
-        )
-        gateway.homes = homes
     if signin is not None:  # institutions vouch for their users' first identity keys
         gateway.attesters.update({i.id: i.sender for i in signin.institutions.values()})
         gateway.require_attestation = True
@@ -130,9 +111,6 @@ def create_app(
                 asyncio.create_task(rechecker.run_forever(clock, settings.recheck_interval))
             )
         try:  # inside the try: a failed freeze still stops the tasks and removes the timer
-            if homes is not None:
-                await homes.start()
-                tasks.append(asyncio.create_task(homes.run(stop)))
             heap.install()
             if freeze_heap:
                 log.info("start-up heap frozen: %d objects", heap.freeze_startup())
@@ -140,8 +118,6 @@ def create_app(
         finally:
             heap.remove()
             stop.set()
-            if homes is not None:  # before the store closes: forwards taken are answered
-                await homes.close()
             await delivery.close()
             try:
                 await journal.close()  # clean shutdown: every delivery record is written

@@ -98,7 +98,6 @@ def build_app(
         anchors=anchors,
         background=jobs,
         freeze_heap=freeze_heap,
-        room_homes=settings.room_homes and settings.broker_url is not None,
     )
     return app
 
@@ -134,7 +133,6 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
         purge_interval_hours=args.purge_interval_hours,
         anchor_interval_seconds=args.anchor_interval_seconds,
-        room_homes=not args.no_room_homes,
         dev_key_file=Path(args.dev_key_file) if args.dev_key_file else None,
         device_retire_after_seconds=args.device_retire_after_days * 86400,
     )
@@ -296,13 +294,6 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_positive_int,
         default=env("MEDRELAY_DATABASE_POOL_SIZE", "15"),  # a string: checked by the type
         help="PostgreSQL connections kept open by this node, plus up to 5 in a burst",
-    )
-    serve.add_argument(
-        "--no-room-homes",
-        action="store_true",
-        default=env("MEDRELAY_ROOM_HOMES", "1") == "0",
-        help="with --broker-url: store every send on the node it arrived at, instead of on"
-        " its room's home node (docs/operations.md)",
     )
     serve.add_argument(
         "--anchor-interval-seconds",

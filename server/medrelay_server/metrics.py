@@ -46,19 +46,6 @@ class Metrics:
             "Start-up objects moved out of the collector's reach (gc.freeze)",
             registry=r,
         )
-        self.cluster_nodes = Gauge(
-            "medrelay_cluster_nodes",
-            "Live gateway nodes that rooms are homed on (homes.py), this one included",
-            registry=r,
-        )
-        self.home_sends = Counter(
-            "medrelay_home_sends_total",
-            "Sends by where they were stored: local (this node is the room's home), forwarded"
-            " (to the home), fallback (the home did not answer; stored here), served (for"
-            " another node)",
-            ["path"],
-            registry=r,
-        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

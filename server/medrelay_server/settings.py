@@ -56,9 +56,6 @@ class Settings:
     device_check_interval_seconds: float = 30.0
     """How often this node closes live connections of devices revoked elsewhere (the bound
     when the revocation's PostgreSQL NOTIFY did not reach it, and on SQLite)."""
-    room_homes: bool = True
-    """With a shared broker: each room's sends are stored by one node, its home (``homes.py``).
-    Off, every node stores its own clients' sends (and the nodes contend for room locks)."""
     limits: Limits = field(default_factory=Limits)
 
     def resolved_database_url(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from medrelay_protocol.canonical import pack_body, unpack_body
 from medrelay_protocol.codes import ErrorCode
@@ -34,9 +34,6 @@ from ..ratelimit import TokenBucket
 from ..settings import Settings
 from ..store.base import ApprovalRecord, AuditRecord, Store
 from .connection import Connection
-
-if TYPE_CHECKING:
-    from ..homes import RoomHomes
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +82,6 @@ class Gateway:
     """Institutions whose attester runs in this process and attests at registration when
     the device brings no attestation: only the development issuer (``dev``), whose token
     *is* the sign-in."""
-    homes: RoomHomes | None = None
-    """Set by ``create_app`` in a cluster: sends are stored on their room's home node."""
     require_attestation: bool = False
     """Refuse a first identity key without an attestation (``ATTESTATION_REQUIRED``). True
     whenever institutions are configured; False only for an app wired with bare tokens and

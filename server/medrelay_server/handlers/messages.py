@@ -75,9 +75,7 @@ async def _store_and_fan_out(
         conn, kind, room=frame.room, mid=frame.mid, detail=detail, patient_tag=frame.patient_tag
     )
     started = time.monotonic()
-    # in a cluster, on the room's home node (homes.py): one node takes a room's lock
-    append = gw.store.append_message if gw.homes is None else gw.homes.append_message
-    result = await append(
+    result = await gw.store.append_message(
         frame.room,
         user=conn.user,
         device=conn.device,
@@ -94,8 +92,7 @@ async def _store_and_fan_out(
     gw.reply(conn, Ack(rid=frame.rid, room=ev.room, seq=ev.seq, mid=frame.mid, ts=ev.ts))
     if not result.duplicate:
         gw.metrics.sends.inc()
-        if not result.published:
-            await gw.delivery.publish([ev])
+        await gw.delivery.publish([ev])
 
 
 async def handle_send(gw: Gateway, conn: Connection, frame: Send) -> None:

@@ -196,9 +196,6 @@ class Commit:
 class AppendResult:
     event: StoredEvent
     duplicate: bool
-    published: bool = False
-    """Already published to the broker by the node that stored it (a room's home node,
-    ``homes.py``), which publishes its rooms' events in seq order."""
 
 
 class Store(Protocol):
