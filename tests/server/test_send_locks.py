@@ -28,7 +28,7 @@ DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[tuple[SqlStore, asyncpg.Connection, str]]:
+async def pg() -> AsyncIterator[tuple[SqlStore, asyncpg.Connection]]:
     schema = "test_" + secrets.token_hex(8)
     backend = StoreBackend("postgres", PG_URL, schema)
     raw = await asyncpg.connect(DSN, server_settings={"search_path": schema})
@@ -40,7 +40,7 @@ async def pg() -> AsyncIterator[tuple[SqlStore, asyncpg.Connection, str]]:
             " VALUES ($1, 'bob', 1, NULL, 'member')",
             ROOM,
         )
-        yield store, raw, schema
+        yield store, raw
     finally:
         await raw.close()
         await backend.close_all()
@@ -59,7 +59,7 @@ async def _held_removal(raw: asyncpg.Connection) -> asyncpg.transaction.Transact
     return tx
 
 
-async def _waiting_on_a_lock(schema: str) -> None:
+async def _waiting_on_a_lock() -> None:
     watcher = await asyncpg.connect(DSN)
     try:
 
@@ -77,23 +77,23 @@ async def _waiting_on_a_lock(schema: str) -> None:
 
 
 async def test_a_send_waiting_for_a_removal_is_refused(
-    pg: tuple[SqlStore, asyncpg.Connection, str],
+    pg: tuple[SqlStore, asyncpg.Connection],
 ) -> None:
-    store, raw, schema = pg
+    store, raw = pg
     removal = await _held_removal(raw)
     sending = asyncio.create_task(send(store, "bob"))
-    await _waiting_on_a_lock(schema)
+    await _waiting_on_a_lock()
     await removal.commit()
     await asyncio.wait_for(refused(ErrorCode.FORBIDDEN, sending), 10)
 
 
 async def test_a_send_waiting_for_a_rolled_back_removal_is_stored(
-    pg: tuple[SqlStore, asyncpg.Connection, str],
+    pg: tuple[SqlStore, asyncpg.Connection],
 ) -> None:
-    store, raw, schema = pg
+    store, raw = pg
     removal = await _held_removal(raw)
     sending = asyncio.create_task(send(store, "bob"))
-    await _waiting_on_a_lock(schema)
+    await _waiting_on_a_lock()
     await removal.rollback()
     result = await asyncio.wait_for(sending, 10)
     assert result.event.sender_user == "bob" and not result.duplicate
