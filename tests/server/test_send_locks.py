@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from medrelay_protocol.codes import ErrorCode
+from medrelay_server.store.base import AppendResult
 from medrelay_server.store.sql import SqlStore
 
 from ..polling import until
@@ -76,13 +77,20 @@ async def _waiting_on_a_lock() -> None:
         await watcher.close()
 
 
-async def test_a_send_waiting_for_a_removal_is_refused(
-    pg: tuple[SqlStore, asyncpg.Connection],
-) -> None:
-    store, raw = pg
+async def _send_behind_a_removal(
+    store: SqlStore, raw: asyncpg.Connection
+) -> tuple[asyncpg.transaction.Transaction, asyncio.Task[AppendResult]]:
+    """bob's send, started while a removal of bob holds the room's lock, and waiting for it."""
     removal = await _held_removal(raw)
     sending = asyncio.create_task(send(store, "bob"))
     await _waiting_on_a_lock()
+    return removal, sending
+
+
+async def test_a_send_waiting_for_a_removal_is_refused(
+    pg: tuple[SqlStore, asyncpg.Connection],
+) -> None:
+    removal, sending = await _send_behind_a_removal(*pg)
     await removal.commit()
     await asyncio.wait_for(refused(ErrorCode.FORBIDDEN, sending), 10)
 
@@ -90,10 +98,7 @@ async def test_a_send_waiting_for_a_removal_is_refused(
 async def test_a_send_waiting_for_a_rolled_back_removal_is_stored(
     pg: tuple[SqlStore, asyncpg.Connection],
 ) -> None:
-    store, raw = pg
-    removal = await _held_removal(raw)
-    sending = asyncio.create_task(send(store, "bob"))
-    await _waiting_on_a_lock()
+    removal, sending = await _send_behind_a_removal(*pg)
     await removal.rollback()
     result = await asyncio.wait_for(sending, 10)
     assert result.event.sender_user == "bob" and not result.duplicate
