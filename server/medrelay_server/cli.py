@@ -18,7 +18,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
-from .settings import Settings
+from .settings import DEFAULT_POOL_SIZE, POOL_OVERFLOW, Settings
 
 
 def build_app(
@@ -292,8 +292,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument(
         "--database-pool-size",
         type=_positive_int,
-        default=env("MEDRELAY_DATABASE_POOL_SIZE", "15"),  # a string: checked by the type
-        help="PostgreSQL connections kept open by this node, plus up to 5 in a burst",
+        default=env("MEDRELAY_DATABASE_POOL_SIZE", str(DEFAULT_POOL_SIZE)),  # checked by type
+        help=f"PostgreSQL connections kept open by this node, plus up to {POOL_OVERFLOW} in a"
+        " burst",
     )
     serve.add_argument(
         "--anchor-interval-seconds",

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_POOL_SIZE = 15
+"""PostgreSQL connections a node keeps open. Under load a node runs two send batches, the
+delivery journal's flush, receipts, catch-up and gap reads at once; SQLAlchemy's default
+(5 kept, 10 more opened and closed on demand) made an overloaded node open and close 90-110
+sessions a window, each a backend fork and asyncpg's set-up (docs/performance.md, "Fifth
+round")."""
+POOL_OVERFLOW = 5
+"""Connections opened beyond the pool in a burst, closed again when returned."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -31,7 +40,7 @@ class Settings:
     data_dir: Path = Path("medrelay-data")
     database_url: str | None = None
     database_schema: str | None = None
-    database_pool_size: int = 15
+    database_pool_size: int = DEFAULT_POOL_SIZE
     """PostgreSQL connections this node keeps open (plus up to 5 in a burst)."""
     broker_url: str | None = None
     host: str = "127.0.0.1"

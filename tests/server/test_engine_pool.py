@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
-from medrelay_server.store.engine import POOL_OVERFLOW, Database
+from medrelay_server.settings import POOL_OVERFLOW
+from medrelay_server.store.engine import Database
 
 from .conftest import PG_URL
 

@@ -37,6 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ..settings import DEFAULT_POOL_SIZE, POOL_OVERFLOW
 from .base import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,6 @@ _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
     "postgresql+asyncpg": "postgresql+asyncpg",
 }
-
-
-DEFAULT_POOL_SIZE = 15
-"""PostgreSQL connections a node keeps open. Under load a node runs two send batches, the
-delivery journal's flush, receipts, catch-up and gap reads at once; SQLAlchemy's default
-(5 kept, 10 more opened and closed on demand) made an overloaded node open and close 90-110
-sessions a window, each a backend fork and asyncpg's set-up (docs/performance.md, "Fifth
-round")."""
-POOL_OVERFLOW = 5
-"""Connections opened beyond the pool in a burst, closed again when returned."""
 
 
 class Database:

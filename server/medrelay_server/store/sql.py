@@ -30,6 +30,7 @@ from medrelay_protocol.errors import RequestError
 from sqlalchemy import exc as sa_exc
 
 from ..clock import Clock, SystemClock
+from ..settings import DEFAULT_POOL_SIZE
 from . import blobs, devices, enrolment, messages, rooms
 from . import schema as t
 from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
@@ -43,7 +44,7 @@ from .base import (
     StoredEvent,
     StoreUnavailable,
 )
-from .engine import DEFAULT_POOL_SIZE, Database
+from .engine import Database
 from .group import GroupCommitter
 from .rows import EVENTS_CHANNEL, current_role, get_room
 
