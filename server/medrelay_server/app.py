@@ -57,6 +57,9 @@ def create_app(
     start-up heap out of the garbage collector's reach (``heap.py``); process-wide, so only
     the process's entry point sets it."""
     metrics = Metrics()
+    observe_batches = getattr(store, "observe_send_batches", None)
+    if observe_batches is not None:  # where a send's store time goes (group commit's stages)
+        observe_batches(metrics.observe_send_batch)
     heap = HeapWatch(metrics.gc_pauses, metrics.gc_frozen)
     registry = Registry()
     journal = DeliveryJournal(store, clock)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .heap import PAUSE_BUCKETS
 
+if TYPE_CHECKING:
+    from .store.group import BatchTimes
+
 # seconds: a send's durable store is a group commit of a few round trips plus a WAL flush
 STORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# a single round trip to the database, or a few
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
@@ -24,6 +32,26 @@ class Metrics:
             "medrelay_send_store_seconds",
             "From a send's checks passing to its commit (group commit wait included)",
             buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.send_wait_seconds = Histogram(
+            "medrelay_send_wait_seconds",
+            "From a send's append to the start of its group-commit batch",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.send_batch_seconds = Histogram(
+            "medrelay_send_batch_seconds",
+            "A group-commit batch's stages: begin (connection, BEGIN), read (room locks,"
+            " senders' roles), write (events, last seqs, audit rows), commit (COMMIT)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.send_batch_sends = Histogram(
+            "medrelay_send_batch_sends",
+            "Sends per group-commit batch",
+            buckets=BATCH_SIZES,
             registry=r,
         )
         self.deliveries = Counter(
@@ -46,6 +74,16 @@ class Metrics:
             "Start-up objects moved out of the collector's reach (gc.freeze)",
             registry=r,
         )
+
+    def observe_send_batch(self, times: BatchTimes) -> None:
+        for wait in times.waits:
+            self.send_wait_seconds.observe(wait)
+        self.send_batch_sends.observe(len(times.waits))
+        stage = self.send_batch_seconds.labels
+        stage(stage="begin").observe(times.begin)
+        stage(stage="read").observe(times.read)
+        stage(stage="write").observe(times.write)
+        stage(stage="commit").observe(times.commit)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

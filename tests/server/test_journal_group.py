@@ -11,6 +11,7 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from medrelay_server.journal.verify import verify
 from medrelay_server.store.base import AuditRecord
+from medrelay_server.store.group import BatchTimes
 from medrelay_server.store.sql import SqlStore
 
 from .test_store_contract import NOW, ROOM, new_room, send
@@ -191,3 +192,49 @@ async def test_sends_one_after_another_each_find_a_drainer(store_backend: StoreB
         for i in range(5):
             result = await send(store, mid=b"%016d" % i)
             assert result.event.seq == 3 + i
+
+
+async def test_committed_batches_report_their_times(store_backend: StoreBackend) -> None:
+    """Every committed batch reports each send's wait and the batch's stages once; a batch
+    whose transaction failed is not reported (its sends are retried, and each retry that
+    commits is)."""
+    store: SqlStore = await store_backend.open()
+    await new_room(store)
+    seen: list[BatchTimes] = []
+    store.observe_send_batches(seen.append)
+    outcomes = await asyncio.gather(
+        *(send(store, mid=b"%016d" % i) for i in range(20)),
+        send(store, "mallory", mid=b"r" * 16),  # refused inside a committed batch
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, RequestError) for o in outcomes) == 1
+    assert sum(len(t.waits) for t in seen) == 21
+    for t in seen:
+        stages = (t.begin, t.read, t.write, t.commit)
+        assert all(0 <= s < 60 for s in (*stages, *t.waits))
+    seen.clear()
+    good = [send(store, mid=b"g%015d" % i) for i in range(4)]
+    bad = send(store, mid=b"x" * 16, envelope=None)  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert isinstance(outcomes[4], Exception)
+    # the failed batch (all five) is not reported; the four good sends are, as they are
+    # retried and stored one transaction each
+    assert sum(len(t.waits) for t in seen) == 4
+
+
+async def test_an_observer_that_fails_does_not_fail_the_sends(
+    store_backend: StoreBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    store: SqlStore = await store_backend.open()
+    await new_room(store)
+
+    def broken(times: BatchTimes) -> None:
+        raise RuntimeError("observer broke")
+
+    store.observe_send_batches(broken)
+    results = await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(6)))
+    assert sorted(r.event.seq for r in results) == list(range(3, 9))
+    assert not any(r.duplicate for r in results)  # answered once, never retried
+    assert "send batch observer failed" in caplog.text
+    sends = [r for r in await store.audit_records() if r.action == "send"]
+    assert len(sends) == 6

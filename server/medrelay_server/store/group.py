@@ -22,6 +22,10 @@ stored in either order.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from medrelay_protocol.errors import RequestError
@@ -31,7 +35,27 @@ from .audit import ChainWriter
 from .base import AppendResult
 from .engine import Database
 
-_Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]"]
+log = logging.getLogger(__name__)
+
+_Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]", float]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """Where one committed batch's time went, in seconds: ``waits`` is each send's time
+    from its append to the start of its batch (a batch in flight holds it back); then the
+    batch's stages: ``begin`` (a pooled connection and BEGIN), ``read`` (the room locks and
+    the senders' roles), ``write`` (events, last seqs and audit rows) and ``commit``
+    (COMMIT, with its WAL flush)."""
+
+    waits: tuple[float, ...]
+    begin: float
+    read: float
+    write: float
+    commit: float
+
+
+BatchObserver = Callable[[BatchTimes], None]
 
 
 class GroupCommitter:
@@ -52,10 +76,12 @@ class GroupCommitter:
         self._depth = depth if depth is not None else (1 if db.is_sqlite else 2)
         self._queue: list[_Item] = []
         self._drainers: set[asyncio.Task[None]] = set()
+        self.observer: BatchObserver | None = None
+        """Called with each committed batch's :class:`BatchTimes` (the app's metrics)."""
 
     async def append(self, **kw: Any) -> AppendResult:
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((kw, future))
+        self._queue.append((kw, future, time.monotonic()))
         if len(self._drainers) < self._depth:
             self._drainers.add(asyncio.create_task(self._drain()))
         return await future
@@ -92,20 +118,39 @@ class GroupCommitter:
 
     async def _run(self, batch: list[_Item]) -> None:
         outcomes: list[AppendResult | RequestError] = []
+        clock = time.monotonic
+        started = clock()
         async with self._db.batch_write() as (conn, pg), self._writer.deferred(conn, pg=pg):
+            begun = clock()
             sends = messages.SendBatch(conn, self._writer, pg=pg)
-            outcomes = await sends.append_many([kw for kw, _ in batch])
+            outcomes = await sends.append_many([kw for kw, _, _ in batch])
+            read = clock()
             await sends.finish()
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            written = clock()
+        committed = clock()
+        for (_, future, _), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue
             if isinstance(outcome, RequestError):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+        if self.observer is None:
+            return
+        times = BatchTimes(
+            waits=tuple(started - appended for _, _, appended in batch),
+            begin=begun - started,
+            read=read - begun,
+            write=written - read,
+            commit=committed - written,
+        )
+        try:  # after the results: the batch is committed and answered, whatever this does
+            self.observer(times)
+        except Exception:
+            log.exception("send batch observer failed")
 
 
 def _fail(batch: list[_Item], exc: Exception) -> None:
-    for _, future in batch:
+    for _, future, _ in batch:
         if not future.done():
             future.set_exception(exc)

@@ -45,7 +45,7 @@ from .base import (
     StoreUnavailable,
 )
 from .engine import Database
-from .group import GroupCommitter
+from .group import BatchObserver, GroupCommitter
 from .rows import EVENTS_CHANNEL, current_role, get_room
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,12 @@ class SqlStore:
                 sa.update(t.meta).where(t.meta.c.key == "generation").values(value=value)
             )
         return value
+
+    def observe_send_batches(self, observer: BatchObserver) -> None:
+        """Report every committed group-commit batch's :class:`BatchTimes` to ``observer``
+        (the app's metrics); nothing without group commit."""
+        if self._group is not None:
+            self._group.observer = observer
 
     async def listen(self, callback: Callable[[str, int], None], stop: asyncio.Event) -> None:
         """Call ``callback(room, seq)`` for every event committed by any node (PostgreSQL
