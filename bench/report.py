@@ -13,7 +13,7 @@ from .scenarios import (
     StormResult,
     pct,
 )
-from .stats import Window
+from .stats import STAGES, Window
 
 
 @dataclass
@@ -78,6 +78,17 @@ class Table:
             lat3(b.half),
             ratio(m99, b99),
         )
+        stages = m.half.store_stages if m.half else {}
+        if stages:
+            self.add(
+                scen,
+                "at half load, mean ms: a send's wait for its batch / the batch's begin / "
+                "read / write / commit (sends per batch)",
+                " / ".join(f"{stages.get(k, math.nan) * 1e3:.1f}" for k in STAGES)
+                + f" ({stages.get('sends', math.nan):.1f})",
+                "",
+                "",
+            )
 
     def cluster(self, rooms: int, r: ClusterResult) -> None:
         """Two medrelay nodes over Redis against one: the two-node figure stands in the

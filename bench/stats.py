@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from .loadgen import KEY_SHIFT
 
 MIN_PER_THIRD = 15  # messages: fewer and the growth test is noise
@@ -42,6 +44,10 @@ class Window:
     # per server node ("node-1", ...), "generators", "postgres", "redis", "machine" (every
     # core busy), and "wall" (seconds the reading spanned)
     cpu_parts: dict[str, float] = field(default_factory=dict)
+    # where the primary node's sends spent their store time over the window (means,
+    # seconds): "wait" for a batch, the batch's "begin", "read", "write", "commit"; and
+    # "sends" per batch (``parse_send_stages``; medrelay only)
+    store_stages: dict[str, float] = field(default_factory=dict)
     errors: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, sorted
     first_third_p50: float = math.nan  # median latency of the sends in the first third
@@ -100,6 +106,8 @@ class Window:
                 f"{c['other']:.2f}; machine {c['machine']:.2f}; database commits "
                 f"{self.commits}, sessions opened {self.sessions}"
             )
+        if self.store_stages:
+            text += "\n      " + describe_stages(self.store_stages)
         a = self.pg_activity
         if a.get("samples"):
             text += (
@@ -108,6 +116,55 @@ class Window:
                 f"for the node {a['in transaction']:.2f}"
             )
         return text
+
+
+STAGES = ("wait", "begin", "read", "write", "commit")
+
+
+def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
+    """From a node's ``/metrics``: (sum, count) of each send's wait for its group-commit
+    batch ("wait"), of each batch stage, and of sends per batch ("sends")."""
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in (
+            "medrelay_send_wait_seconds",
+            "medrelay_send_batch_seconds",
+            "medrelay_send_batch_sends",
+        ):
+            continue
+        for sample in family.samples:
+            if family.name == "medrelay_send_wait_seconds":
+                key = "wait"
+            elif family.name == "medrelay_send_batch_sends":
+                key = "sends"
+            else:
+                key = sample.labels.get("stage", "")
+            total, count = out.get(key, (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                out[key] = (sample.value, count)
+            elif sample.name.endswith("_count"):
+                out[key] = (total, sample.value)
+    return out
+
+
+def stage_means(
+    before: Mapping[str, tuple[float, float]], after: Mapping[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Each stage's mean over what was observed between two readings."""
+    means: dict[str, float] = {}
+    for key, (total, count) in after.items():
+        total0, count0 = before.get(key, (0.0, 0.0))
+        if count > count0:
+            means[key] = (total - total0) / (count - count0)
+    return means
+
+
+def describe_stages(stages: Mapping[str, float]) -> str:
+    parts = " / ".join(f"{stages.get(k, math.nan) * 1e3:.1f}" for k in STAGES)
+    return (
+        f"send store, mean ms: wait / begin / read / write / commit {parts}; "
+        f"{stages.get('sends', math.nan):.1f} sends per batch"
+    )
 
 
 def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> Window:

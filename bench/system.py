@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .procs import (
     medrelay_argv,
     tree_cpu,
 )
-from .stats import Window, join
+from .stats import Window, join, parse_send_stages, stage_means
 from .topology import Topology
 
 
@@ -233,6 +234,7 @@ class System:
         self.last_activity = {}
         parts0 = self._cpu_parts() if self.breakdown else {}
         counters0 = self._pg_counters() if self.breakdown else (0, 0)
+        stages0 = self._send_stages()
         start_at = time.monotonic() + 0.1
         cpu0 = self.cpu()
         ids = [
@@ -259,9 +261,24 @@ class System:
             win.commits = counters1[0] - counters0[0]
             win.sessions = counters1[1] - counters0[1]
             win.pg_activity = self.last_activity if during is None else {}
+        stages1 = self._send_stages()
+        if stages0 and stages1:
+            win.store_stages = stage_means(stages0, stages1)
         win.offered = offered
         self.last_results = results
         return win
+
+    def _send_stages(self) -> dict[str, tuple[float, float]]:
+        """The primary medrelay node's send-store histograms (``metrics.py``): stage ->
+        (sum, count). Empty for the bare relay, or if the node does not answer."""
+        if not self.medrelay or self.server is None:
+            return {}
+        url = f"http://127.0.0.1:{self.server.port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return parse_send_stages(response.read().decode())
+        except OSError:
+            return {}
 
     def settle(self, limit: float = 5.0) -> None:
         """Wait until the server is idle (a failed step may leave a backlog), then reconnect

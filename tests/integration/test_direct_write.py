@@ -7,6 +7,8 @@ from __future__ import annotations
 import httpx
 from medrelay_server.gateway.connection import Connection
 
+from bench.stats import STAGES, parse_send_stages, stage_means
+
 from .conftest import Harness
 
 
@@ -57,3 +59,15 @@ async def test_send_store_time_is_exported(harness: Harness) -> None:
     ]
     assert counts == ["medrelay_send_store_seconds_count 3.0"]
     assert 'medrelay_send_store_seconds_bucket{le="+Inf"} 3.0' in text
+    # where that time went: each send's wait for its batch, and each batch's stages (one
+    # send awaited after another: a batch each)
+    assert "medrelay_send_wait_seconds_count 3.0" in text
+    assert "medrelay_send_batch_sends_sum 3.0" in text
+    for stage in ("begin", "read", "write", "commit"):
+        assert f'medrelay_send_batch_seconds_count{{stage="{stage}"}} 3.0' in text
+    # the bench reads the same names (``bench/stats.py``) for its per-window breakdown
+    read = parse_send_stages(text)
+    assert {k: count for k, (_, count) in read.items()} == dict.fromkeys((*STAGES, "sends"), 3.0)
+    means = stage_means({}, read)
+    assert means["sends"] == 1.0
+    assert all(0 < means[k] < 10 for k in STAGES if k != "wait")
