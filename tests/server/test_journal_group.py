@@ -112,12 +112,12 @@ def _in_flight_counter(store: SqlStore) -> tuple[list[int], asyncio.Event]:
 
 
 async def test_batches_in_flight_together_chain_in_order(store_backend: StoreBackend) -> None:
-    """On PostgreSQL two batches are in flight at once (sends arriving during a batch's
-    round trips start the next batch): the later one chains after the earlier one's
+    """With two batches allowed in flight on PostgreSQL (sends arriving during a batch's
+    round trips start the next batch), the later one chains after the earlier one's
     planned tail and its head update waits for that commit. With journal flushes (another
     writer of the same chain) in between, every send is stored once, seqs are contiguous
     per room, and the chain verifies. SQLite keeps one batch at a time."""
-    store = await store_backend.open()
+    store = await store_backend.open(batches_in_flight=2)
     rooms = (ROOM, "room-2", "room-3")
     for room in rooms:
         await new_room(store, room)
@@ -142,6 +142,29 @@ async def test_batches_in_flight_together_chain_in_order(store_backend: StoreBac
     assert (await verify(store.database, [], b"")).ok
 
 
+async def test_one_batch_in_flight_by_default(store_backend: StoreBackend) -> None:
+    """Sends arriving while a batch is in flight wait for its commit and go together in
+    the next batch (a second batch in flight waited for the first one's room locks and
+    slowed every round trip; ``docs/performance.md``, "Sixth round")."""
+    store = await store_backend.open()
+    await new_room(store)
+    state, started = _in_flight_counter(store)
+    waves: list[asyncio.Future[list[Any]]] = []
+    for wave in range(4):
+        started.clear()
+        calls = [send(store, mid=b"%08d%08d" % (wave, i)) for i in range(10)]
+        waves.append(asyncio.gather(*calls))
+        await started.wait()
+    results = [r for wave_results in await asyncio.gather(*waves) for r in wave_results]
+    assert state[1] == 1
+    assert sorted(r.event.seq for r in results) == list(range(3, 43))
+
+
+async def test_batches_in_flight_must_be_positive(store_backend: StoreBackend) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        await store_backend.open(batches_in_flight=0)
+
+
 async def test_a_batch_planned_after_a_failed_one_falls_back(
     store_backend: StoreBackend,
 ) -> None:
@@ -149,7 +172,7 @@ async def test_a_batch_planned_after_a_failed_one_falls_back(
     is then retried one send at a time), so the tail the next batch planned after is never
     stored: that batch's conditional head update does not match and it chains after the
     locked row instead. Nothing forks."""
-    store = await store_backend.open()
+    store = await store_backend.open(batches_in_flight=2)
     await new_room(store)
     await send(store, mid=b"a" * 16)
     calls: list[Any] = []

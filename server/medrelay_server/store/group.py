@@ -59,13 +59,15 @@ BatchObserver = Callable[[BatchTimes], None]
 
 
 class GroupCommitter:
-    """``depth``: how many batches may be in flight at once (default: 2 on PostgreSQL, 1 on
-    SQLite, whose writes queue on one lock anyway). A send that arrives while a batch waits
-    on its round trips starts the next batch at once instead of waiting for that batch's
-    commit; the two meet in PostgreSQL only where they share a room (row locks, taken in
-    room order) and at the node's chain head (the later batch chains after the earlier
-    one's planned tail, ``ChainWriter.take_known_head``, and its head update waits for that
-    commit)."""
+    """``depth``: how many batches may be in flight at once (default 1). With 2, a send that
+    arrives while a batch waits on its round trips starts the next batch at once instead of
+    waiting for that batch's commit; the two meet in PostgreSQL where they share a room
+    (row locks, taken in room order) and at the node's chain head (the later batch chains
+    after the earlier one's planned tail, ``ChainWriter.take_known_head``, and its head
+    update waits for that commit). On one node under load that bought nothing: the later
+    batch mostly waited for the earlier one's room locks, every round trip's answer waited
+    longer for the busy event loop, and sends waited longer in all (``docs/performance.md``,
+    "Sixth round"). SQLite keeps one batch in flight whatever ``depth`` says."""
 
     def __init__(
         self, db: Database, writer: ChainWriter, *, max_batch: int = 64, depth: int | None = None
@@ -73,7 +75,10 @@ class GroupCommitter:
         self._db = db
         self._writer = writer
         self._max_batch = max_batch
-        self._depth = depth if depth is not None else (1 if db.is_sqlite else 2)
+        if depth is not None and depth < 1:
+            raise ValueError("depth must be at least 1")
+        # SQLite: always one (its writes queue on one lock, and a second batch would wait there)
+        self._depth = 1 if db.is_sqlite or depth is None else depth
         self._queue: list[_Item] = []
         self._drainers: set[asyncio.Task[None]] = set()
         self.observer: BatchObserver | None = None

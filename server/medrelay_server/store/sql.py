@@ -84,7 +84,8 @@ class SqlStore:
     opens a read-only store for the audit CLI (journal writes raise ``JournalReadOnly``).
     ``journal=False`` writes unchained records: **for the throughput bench only**, never in
     a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
-    concurrent ``append_message`` calls in shared transactions (:mod:`.group`).
+    concurrent ``append_message`` calls in shared transactions (:mod:`.group`), one batch at
+    a time unless ``batches_in_flight`` says more.
     ``instance_holder`` (from ``nodeinstance.NodeInstance``, whose claim the caller holds)
     lets a restart after a crash take over the lease its dead predecessor left.
     """
@@ -101,6 +102,7 @@ class SqlStore:
         group_commit: bool = True,
         instance_holder: str | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
+        batches_in_flight: int | None = None,
     ) -> None:
         self._db = Database(url, schema=schema, pool_size=pool_size)
         self.writer = ChainWriter(
@@ -110,7 +112,9 @@ class SqlStore:
             enabled=journal,
             instance_holder=instance_holder,
         )
-        self._group = GroupCommitter(self._db, self.writer) if group_commit else None
+        self._group = (
+            GroupCommitter(self._db, self.writer, depth=batches_in_flight) if group_commit else None
+        )
 
     def __repr__(self) -> str:
         dialect = "sqlite" if self._db.is_sqlite else "postgresql"
