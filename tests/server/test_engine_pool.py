@@ -41,6 +41,22 @@ async def test_a_burst_that_fits_the_pool_reuses_its_sessions() -> None:
         await db.dispose()
 
 
+async def test_after_a_burst_one_warm_session_serves_one_at_a_time() -> None:
+    """The pool hands out the session returned last: transactions one after another keep
+    to one warm backend instead of taking the burst's sessions in turn (each one cold the
+    first few times: its catalog caches and statement plans are built on first use)."""
+    db = Database(PG_URL, pool_size=8)
+    try:
+        assert len(await _burst(db, 8)) == 8
+        pids = set()
+        for _ in range(8):
+            async with db.read() as conn:
+                pids.add(int((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()))
+        assert len(pids) == 1
+    finally:
+        await db.dispose()
+
+
 async def test_connections_beyond_the_pool_are_closed_after_the_burst() -> None:
     db = Database(PG_URL, pool_size=2)
     try:
