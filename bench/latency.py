@@ -1,0 +1,86 @@
+"""Send-to-deliver latency at fixed send rates, and where each send's store time went.
+
+    python -m bench.latency [--database postgres] [--rates 5 20 600] [--seconds 6]
+
+One medrelay node and the bare relay, each with the same rooms of 10, get the same
+schedule: one window per rate (sends/s into the rooms; each send is ten deliveries). Per
+window: p50 / p99 / p99.9 send-to-deliver for both, and medrelay's store stages from its
+``/metrics`` (a send's mean wait for a group-commit batch, then the batch's begin, read,
+write and commit; ``docs/operations.md`` section 8). The main bench measures latency at half
+of each system's own maximum; this one compares them at the same load, from an idle node
+upwards, so a floor (what one send costs alone) shows apart from queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import db
+from .costs import window
+from .procs import raise_nofile
+from .stats import Window, describe_stages
+from .system import System
+from .topology import Sizes, build
+
+
+def _ms(w: Window) -> str:
+    return " / ".join(f"{w.p(q) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
+
+
+def _run(system: System, rates: list[float], seconds: float) -> list[Window]:
+    try:
+        system.spawn_workers()
+        system.start()
+        asyncio.run(system.populate())
+        system.gather(system.send_setup())
+        system.connect()
+        for worker in system.workers:
+            worker.call("set_receipts", interval=0.0)
+        time.sleep(2.0)  # the connect's catch-up is over
+        return [window(system, "consult10", rate, seconds) for rate in rates]
+    finally:
+        system.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="postgres")
+    parser.add_argument("--rates", nargs="+", type=float, default=[5.0, 20.0, 600.0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    args = parser.parse_args()
+    raise_nofile()
+    if args.database == "postgres" and not asyncio.run(db.pg_available()):
+        parser.error("PostgreSQL is not available on 127.0.0.1:5432")
+    workdir = Path(tempfile.mkdtemp(prefix="medrelay-latency-"))
+    sizes = Sizes(3, 1, 0, 0, 0, 0)
+    name = "PostgreSQL" if args.database == "postgres" else "SQLite"
+    try:
+        bare = System(
+            "bare relay", "baseline", build(sizes, medrelay=False, extra=False), workdir, workers=2
+        )
+        b = _run(bare, args.rates, args.seconds)
+        label = f"medrelay ({name})"
+        medrelay = System(
+            label, "medrelay", build(sizes, medrelay=True, extra=False), workdir, workers=2,
+            database=args.database,
+        )  # fmt: skip
+        m = _run(medrelay, args.rates, args.seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"rooms of 10, send-to-deliver p50 / p99 / p99.9 ms; {args.seconds:.0f} s windows")
+    print(f"{'sends/s':>8}  {label:>24}  {'bare relay':>22}")
+    for rate, mw, bw in zip(args.rates, m, b, strict=True):
+        print(f"{rate:8.0f}  {_ms(mw):>24}  {_ms(bw):>22}")
+        if mw.store_stages:
+            print(f"{'':8}  {describe_stages(mw.store_stages)}")
+        if not (mw.complete and bw.complete):
+            print(f"{'':8}  (not every message delivered: medrelay {mw.describe()})")
+
+
+if __name__ == "__main__":
+    main()
