@@ -1,9 +1,10 @@
 """Send-to-deliver latency at fixed send rates, and where each send's store time went.
 
-    python -m bench.latency [--database postgres] [--rates 5 20 600] [--seconds 6]
+    python -m bench.latency [--database postgres] [--room-size 10] [--rates 5 20 600]
 
-One medrelay node and the bare relay, each with the same rooms of 10, get the same
-schedule: one window per rate (sends/s into the rooms; each send is ten deliveries). Per
+One medrelay node and the bare relay, each with the same rooms (three of 10 and one of 50),
+get the same schedule: one window per rate (sends/s into the rooms of the chosen size; each
+send is ten or fifty deliveries). Per
 window: p50 / p99 / p99.9 send-to-deliver for both, and medrelay's store stages from its
 ``/metrics`` (a send's mean wait for a group-commit batch, then the batch's begin, read,
 write and commit; ``docs/operations.md`` section 8). The main bench measures latency at half
@@ -32,7 +33,7 @@ def _ms(w: Window) -> str:
     return " / ".join(f"{w.p(q) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
 
 
-def _run(system: System, rates: list[float], seconds: float) -> list[Window]:
+def _run(system: System, rooms: str, rates: list[float], seconds: float) -> list[Window]:
     try:
         system.spawn_workers()
         system.start()
@@ -42,7 +43,7 @@ def _run(system: System, rates: list[float], seconds: float) -> list[Window]:
         for worker in system.workers:
             worker.call("set_receipts", interval=0.0)
         time.sleep(2.0)  # the connect's catch-up is over
-        return [window(system, "consult10", rate, seconds) for rate in rates]
+        return [window(system, rooms, rate, seconds) for rate in rates]
     finally:
         system.stop()
 
@@ -50,10 +51,15 @@ def _run(system: System, rates: list[float], seconds: float) -> list[Window]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="postgres")
-    parser.add_argument("--rates", nargs="+", type=float, default=[5.0, 20.0, 600.0])
+    parser.add_argument("--room-size", type=int, choices=(10, 50), default=10)
+    parser.add_argument(
+        "--rates", nargs="+", type=float, help="sends/s (default: 5 20 600; rooms of 50: 5 20 350)"
+    )
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
     raise_nofile()
+    rooms = f"consult{args.room_size}"
+    rates = args.rates or [5.0, 20.0, 600.0 if args.room_size == 10 else 350.0]
     if args.database == "postgres" and not asyncio.run(db.pg_available()):
         parser.error("PostgreSQL is not available on 127.0.0.1:5432")
     workdir = Path(tempfile.mkdtemp(prefix="medrelay-latency-"))
@@ -63,18 +69,21 @@ def main() -> None:
         bare = System(
             "bare relay", "baseline", build(sizes, medrelay=False, extra=False), workdir, workers=2
         )
-        b = _run(bare, args.rates, args.seconds)
+        b = _run(bare, rooms, rates, args.seconds)
         label = f"medrelay ({name})"
         medrelay = System(
             label, "medrelay", build(sizes, medrelay=True, extra=False), workdir, workers=2,
             database=args.database,
         )  # fmt: skip
-        m = _run(medrelay, args.rates, args.seconds)
+        m = _run(medrelay, rooms, rates, args.seconds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"rooms of 10, send-to-deliver p50 / p99 / p99.9 ms; {args.seconds:.0f} s windows")
+    print(
+        f"rooms of {args.room_size}, send-to-deliver p50 / p99 / p99.9 ms; "
+        f"{args.seconds:.0f} s windows"
+    )
     print(f"{'sends/s':>8}  {label:>24}  {'bare relay':>22}")
-    for rate, mw, bw in zip(args.rates, m, b, strict=True):
+    for rate, mw, bw in zip(rates, m, b, strict=True):
         print(f"{rate:8.0f}  {_ms(mw):>24}  {_ms(bw):>22}")
         if mw.store_stages:
             print(f"{'':8}  {describe_stages(mw.store_stages)}")
