@@ -85,7 +85,7 @@ class SqlStore:
     ``journal=False`` writes unchained records: **for the throughput bench only**, never in
     a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
     concurrent ``append_message`` calls in shared transactions (:mod:`.group`), one batch at
-    a time unless ``batches_in_flight`` says more.
+    a time unless ``batches_in_flight`` says more (PostgreSQL only; SQLite keeps one).
     ``instance_holder`` (from ``nodeinstance.NodeInstance``, whose claim the caller holds)
     lets a restart after a crash take over the lease its dead predecessor left.
     """
