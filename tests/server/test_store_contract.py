@@ -464,6 +464,24 @@ async def test_identity_pinning(store: SqlStore) -> None:
     assert await store.get_identity("alice") == b"i" * 32
 
 
+async def test_device_lists_read_devices_and_identities_together(store: SqlStore) -> None:
+    """``GetDevices`` is one read whatever the number of users: each user's devices, and
+    the pinned identity key with its attestation for those who have one."""
+    await store.put_identity("alice", b"i" * 32, NOW, attestation=b"att-a")
+    await store.put_identity("bob", b"j" * 32, NOW)
+    await store.put_device(device("alice"))
+    await store.put_device(device("alice", 2))
+    await store.put_device(device("carol"))
+    records, identities = await store.device_lists(["alice", "bob", "carol", "dave"])
+    assert [(r.user, r.device_id) for r in records] == [
+        ("alice", "alice-1"),
+        ("alice", "alice-2"),
+        ("carol", "carol-1"),
+    ]
+    assert identities == {"alice": (b"i" * 32, b"att-a"), "bob": (b"j" * 32, None)}
+    assert await store.device_lists([]) == ([], {})
+
+
 async def test_devices_and_device_list_version(store: SqlStore) -> None:
     await new_room(store)
     await new_room(store, "room-2", owner="bob")

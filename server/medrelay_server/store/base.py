@@ -271,6 +271,13 @@ class Store(Protocol):
 
     async def devices_for(self, users: Sequence[str]) -> list[DeviceRecord]: ...
 
+    async def device_lists(
+        self, users: Sequence[str]
+    ) -> tuple[list[DeviceRecord], dict[str, tuple[bytes, bytes | None]]]:
+        """What a client needs to check these users' devices, read together: every device
+        of theirs (``devices_for``), and each one's pinned identity key with its
+        attestation (users without one are absent)."""
+
     async def touch_device(self, device_id: str, now: int) -> None:
         """Record that a connection of the device opened or closed at ``now``."""
 

@@ -62,6 +62,23 @@ async def get_attestation(conn: AsyncConnection, user: str) -> bytes | None:
     return None if raw is None else bytes(raw)
 
 
+async def identities_for(
+    conn: AsyncConnection, users: Sequence[str]
+) -> dict[str, tuple[bytes, bytes | None]]:
+    """Each user's pinned identity key and its attestation, for the users that have one."""
+    if not users:
+        return {}
+    i = t.identities.c
+    query = sa.select(i.user_id, i.identity_key, i.attestation).where(i.user_id.in_(list(users)))
+    return {
+        row.user_id: (
+            bytes(row.identity_key),
+            None if row.attestation is None else bytes(row.attestation),
+        )
+        for row in await conn.execute(query)
+    }
+
+
 async def put_device(conn: AsyncConnection, device: DeviceRecord) -> None:
     stmt = _insert_if_absent(
         conn,

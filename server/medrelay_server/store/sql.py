@@ -295,6 +295,12 @@ class SqlStore:
         async with self._db.read() as conn:
             return await devices.devices_for(conn, users)
 
+    async def device_lists(
+        self, users: Sequence[str]
+    ) -> tuple[list[DeviceRecord], dict[str, tuple[bytes, bytes | None]]]:
+        async with self._db.read() as conn:
+            return await devices.devices_for(conn, users), await devices.identities_for(conn, users)
+
     async def touch_device(self, device_id: str, now: int) -> None:
         async with self._db.write() as conn:
             await devices.touch_device(conn, device_id, now)
