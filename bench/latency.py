@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from . import db
@@ -42,7 +41,7 @@ def _run(system: System, rooms: str, rates: list[float], seconds: float) -> list
         system.connect()
         for worker in system.workers:
             worker.call("set_receipts", interval=0.0)
-        time.sleep(2.0)  # the connect's catch-up is over
+        system.settle()  # until the connect's catch-up is over (the server idle)
         return [window(system, rooms, rate, seconds) for rate in rates]
     finally:
         system.stop()
