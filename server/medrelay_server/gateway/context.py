@@ -31,6 +31,7 @@ from ..fanout.base import Broker
 from ..journal.delivery import DeliveryJournal
 from ..metrics import Metrics
 from ..ratelimit import TokenBucket
+from ..rosters import VerifiedRosters
 from ..settings import Settings
 from ..store.base import ApprovalRecord, AuditRecord, Store
 from .connection import Connection
@@ -71,6 +72,8 @@ class Gateway:
     journal: DeliveryJournal
     handlers: dict[type[Frame], HandlerFn] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    rosters: VerifiedRosters = field(default_factory=VerifiedRosters)
+    """Rooms' verified roster states by head (``rosters.py``): a change verifies one entry."""
     approval_ttl: int = 600
     """Seconds a device approval request lives (``request_approval``)."""
     max_pending_approvals: int = 4

@@ -97,6 +97,17 @@ async def _check_manifest(
     return manifest
 
 
+async def verified_roster(gw: Gateway, state: RoomState) -> RosterState:
+    """The room's roster as stored, verified: kept from this node's last change of the room
+    when the store still reports that head and length, else verified from its genesis."""
+    known = gw.rosters.get(state.room, state.roster_head, state.roster_length)
+    if known is not None:
+        return known
+    roster = verify_roster_chain(await gw.store.roster_entries(state.room), room=state.room)
+    gw.rosters.put(roster)
+    return roster
+
+
 def _signed_by_caller(conn: Connection, entry: RosterEntry) -> None:
     if entry.external:
         return
@@ -140,6 +151,7 @@ async def handle_create_room(gw: Gateway, conn: Connection, frame: CreateRoom) -
             gw.audit(conn, "key_rotation", room=frame.room, detail="epoch 1"),
         ],
     )
+    gw.rosters.put(roster)
     gw.reply(conn, Committed(rid=frame.rid, room=frame.room, seq=events[-1].seq))
     await gw.delivery.publish(events)
 
@@ -167,7 +179,7 @@ async def handle_commit(gw: Gateway, conn: Connection, frame: CommitFrame) -> No
     if state is None or role is None:
         raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
     try:
-        roster = verify_roster_chain(await gw.store.roster_entries(frame.room), room=frame.room)
+        roster = await verified_roster(gw, state)
     except MedrelayError as exc:  # our own store holds a bad chain: never build on it
         raise RequestError(ErrorCode.INTERNAL_ERROR, "stored roster does not verify") from exc
     new_roster, entry = roster, None
@@ -200,6 +212,7 @@ async def handle_commit(gw: Gateway, conn: Connection, frame: CommitFrame) -> No
             gw.audit(conn, "device_revoke", room=frame.room, target=commit.revoke_device[1])
         )
     events = await gw.store.commit(commit, now=gw.clock.now(), audit=audit)
+    gw.rosters.put(new_roster)  # committed: the next change starts from it
     gw.reply(conn, Committed(rid=frame.rid, room=frame.room, seq=events[-1].seq))
     await gw.delivery.publish(events)
 
@@ -275,7 +288,7 @@ async def commit_external(gw: Gateway, room: str, change: bytes, *, institution:
     state = await gw.store.room_state(room)
     if state is None:
         raise RequestError(ErrorCode.NOT_FOUND, "no such room")
-    roster = verify_roster_chain(await gw.store.roster_entries(room), room=room)
+    roster = await verified_roster(gw, state)
     try:
         new_roster, entry = verify_entry(roster, change)
     except MedrelayError as exc:
@@ -305,5 +318,6 @@ async def commit_external(gw: Gateway, room: str, change: bytes, *, institution:
         ts=gw.clock.now(),
     )
     events = await gw.store.commit(commit, now=gw.clock.now(), audit=[record])
+    gw.rosters.put(new_roster)
     await gw.delivery.publish(events)
     return events[-1].seq
