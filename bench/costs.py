@@ -134,11 +134,7 @@ def main() -> None:
         topo = build(sizes, medrelay=True, extra=False)
         system = System(label, "medrelay", topo, workdir, workers=2, database=database)
         try:
-            system.spawn_workers()
-            system.start()
-            asyncio.run(system.populate())
-            system.gather(system.send_setup())
-            system.connect()
+            system.bring_up()
             prof = workdir / f"sends-{database}.txt" if args.profile else None
             rows = measure(system, args.seconds, args.messages, prof)
             if prof is not None and prof.exists():

@@ -174,6 +174,15 @@ class System:
     def connect(self) -> dict[str, Any]:
         return self.connected(self.gather(self.send_connect()))
 
+    def bring_up(self) -> dict[str, Any]:
+        """One system on its own (the helpers' way; the main bench sets several up at
+        once): load generators, server, devices and rooms, every device connected."""
+        self.spawn_workers()
+        self.start()
+        asyncio.run(self.populate())
+        self.gather(self.send_setup())
+        return self.connect()
+
     @staticmethod
     def connected(results: list[dict[str, Any]]) -> dict[str, Any]:
         up = sum(r["up"] for r in results)
