@@ -30,7 +30,7 @@ class VerifiedRosters:
 
     def get(self, room: str, head: bytes, length: int) -> RosterState | None:
         state = self._states.get(room)
-        if state is None or state.room != room or state.head != head or state.length != length:
+        if state is None or state.head != head or state.length != length:
             return None
         self._states.move_to_end(room)
         return state
