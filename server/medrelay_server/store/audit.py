@@ -289,6 +289,30 @@ class ChainWriter:
         self._head = self._planned = None
         self._deferred[id(conn)].extend(taken.records)
 
+    def plan_one_trip(self, records: list[AuditRecord]) -> KnownHead | None:
+        """A one-trip batch (``medrelay_send_batch``): ``records`` chained after the head
+        this writer last wrote (or after the batch in flight's planned tail), for the call
+        to store if the head still matches; report the outcome with :meth:`one_trip_done`.
+        None when there is no remembered head (the batch then runs the usual way)."""
+        base = self._planned or self._head
+        if not records or not self.enabled or self.token is None or base is None:
+            return None
+        taken = self._plan_known_head(records, *base)
+        self._planned = (taken.entries[-1].idx, taken.entries[-1].hash)
+        return taken
+
+    def one_trip_done(self, taken: KnownHead, *, stored: bool, head_moved: bool) -> None:
+        """``stored``: the call wrote the rows and moved the head. Otherwise the call wrote
+        nothing; ``head_moved`` says the head it expected was not the stored one, so the
+        next write plans from the locked row again."""
+        tail = (taken.entries[-1].idx, taken.entries[-1].hash)
+        if stored:
+            self._head = tail
+        elif head_moved:
+            self._head = None
+        if self._planned == tail:
+            self._planned = None
+
     def abandon_known_head(self) -> None:
         """A known-head statement failed (its transaction will roll back): plan the next
         batch from the stored head, not from this one's tail."""
@@ -495,6 +519,19 @@ async def write_audit(
     name no room get the room, records with ``ts == 0`` get ``now`` and records without a role
     get ``role`` (the actor's, when only the transaction knows it). ``begun``: a statement
     has already run in this transaction (see :meth:`ChainWriter.append`)."""
+    out = fill_records(records, now=now, room=room, seqs=seqs, role=role)
+    await writer.append(conn, out, begun=begun)
+
+
+def fill_records(
+    records: Sequence[AuditRecord],
+    *,
+    now: int | None = None,
+    room: str | None = None,
+    seqs: tuple[int, int] | None = None,
+    role: str | None = None,
+) -> list[AuditRecord]:
+    """The records as :func:`write_audit` stores them (its defaults filled in)."""
     out = []
     for rec in records:
         changes: dict[str, Any] = {}
@@ -507,7 +544,7 @@ async def write_audit(
         if role is not None and rec.role is None:
             changes["role"] = role
         out.append(dataclasses.replace(rec, **changes) if changes else rec)
-    await writer.append(conn, out, begun=begun)
+    return out
 
 
 async def read_audit(conn: AsyncConnection, room: str | None) -> list[AuditRecord]:

@@ -170,6 +170,22 @@ class Database:
                     if pg.is_closed() or pg.is_in_transaction():
                         await conn.invalidate()
 
+    @contextlib.asynccontextmanager
+    async def statement(self) -> AsyncIterator[Any]:
+        """PostgreSQL only: an asyncpg connection from the pool outside any transaction, so
+        each statement is a transaction of its own (one round trip, commit included). A
+        connection closed, or left inside a transaction, is invalidated."""
+        if self.is_sqlite:
+            raise ValueError("PostgreSQL only")
+        with unavailable_on_db_error():
+            async with self._writer.connect() as conn:
+                pg: Any = (await conn.get_raw_connection()).driver_connection
+                try:
+                    yield pg
+                finally:
+                    if pg.is_closed() or pg.is_in_transaction():
+                        await conn.invalidate()
+
     async def migrate(self) -> None:
         """Bring the schema to the newest revision, holding a migration lock (PostgreSQL:
         an advisory lock per schema; SQLite: the write lock) so concurrent starts are safe."""

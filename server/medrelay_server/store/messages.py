@@ -19,8 +19,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
-from .audit import ChainWriter, pg_audit_columns, pg_known_head_ctes, write_audit
-from .base import AppendResult, StoredEvent
+from .audit import ChainWriter, fill_records, pg_audit_columns, pg_known_head_ctes
+from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import raw_errors
 from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, refuse
 
@@ -111,6 +111,49 @@ _EMPTY_EVENTS: list[list[Any]] = [[] for _ in range(8)]
 _Key = tuple[str, str, bytes]  # (room, sender device, mid)
 
 
+def plan_send(
+    kw: dict[str, Any],
+    state: dict[str, list[Any]],
+    roles: dict[tuple[str, str], str],
+    stored: dict[_Key, StoredEvent],
+    new: list[StoredEvent],
+) -> tuple[AppendResult, list[AuditRecord]]:
+    """One send checked against its batch's state (``state``: room -> [last seq, epoch,
+    pending]; ``roles``: the senders' current roles; ``stored``: sends stored already, and
+    the batch's own so far), in order, in memory: membership before idempotency (a removed
+    user learns nothing, not even the seq of an earlier send), idempotency before the
+    epoch (a retry of a stored send gets its ack even after the epoch moved on). A new
+    send takes the room's next seq and joins ``new``. Returns the outcome and its audit
+    records; a refusal raises ``RequestError``."""
+    room, user, device, mid = kw["room"], kw["user"], kw["device"], kw["mid"]
+    kind, envelope, now = kw["kind"], kw["envelope"], kw["now"]
+    allowed = MESSAGE_KINDS.get(kind)
+    if allowed is None:
+        raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
+    room_state, role = state.get(room), roles.get((room, user))
+    if room_state is None or role is None or not allowed(role):
+        raise refuse(ErrorCode.FORBIDDEN, "may not post")  # an unknown room alike
+    audit = kw["audit"]
+    original = stored.get((room, device, mid))
+    if original is not None:
+        if (original.payload, original.kind, original.sender_user) != (envelope, kind, user):
+            raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
+        seqs = (original.seq, original.seq)
+        records = fill_records(audit, now=now, room=room, seqs=seqs, role=role)
+        return AppendResult(original, duplicate=True), records
+    last_seq, epoch, pending = room_state
+    if kw["epoch"] != epoch:
+        raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
+    if pending and not kw["allow_pending"]:
+        raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
+    seq = room_state[0] = last_seq + 1
+    event = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
+    new.append(event)
+    stored[(room, device, mid)] = event
+    records = fill_records(audit, now=now, room=room, seqs=(seq, seq), role=role)
+    return AppendResult(event, duplicate=False), records
+
+
 class SendBatch:
     """The sends of one write transaction (a group-commit batch, or a batch of one), in a
     fixed number of statements whatever the batch's size: lock the batch's rooms (in room
@@ -140,6 +183,11 @@ class SendBatch:
         """PostgreSQL: the asyncpg connection whose transaction this is."""
         self._new: list[StoredEvent] = []
         """PostgreSQL: the events :meth:`finish` inserts."""
+        self.state: dict[str, list[Any]] = {}
+        """After :meth:`append_many`: room -> [last seq, epoch, pending] as read under the
+        room locks, with the batch's own sends counted (what a committed batch leaves)."""
+        self.roles: dict[tuple[str, str], str] = {}
+        """After :meth:`append_many`: the senders' current roles as read."""
 
     async def append_many(
         self, items: Sequence[dict[str, Any]]
@@ -160,11 +208,19 @@ class SendBatch:
             roles, stored = await self._read(pairs, keys)
         new: list[StoredEvent] = []
         out: list[AppendResult | RequestError] = []
+        records: list[AuditRecord] = []
         for kw in items:
             try:
-                out.append(await self._plan(kw, state, roles, stored, new))
+                outcome, audit = plan_send(kw, state, roles, stored, new)
             except RequestError as refused:
                 out.append(refused)
+                continue
+            out.append(outcome)
+            records.extend(audit)
+            if not outcome.duplicate:
+                self._last[outcome.event.room] = outcome.event.seq
+        self.state, self.roles = state, roles
+        await self._writer.append(conn, records)
         if self._pg is not None:  # inserted by finish(), with everything else it writes
             self._new = new
         elif new:
@@ -210,47 +266,6 @@ class SendBatch:
             if key in wanted_keys:
                 stored[key] = event
         return roles, stored
-
-    async def _plan(
-        self,
-        kw: dict[str, Any],
-        state: dict[str, list[Any]],
-        roles: dict[tuple[str, str], str],
-        stored: dict[_Key, StoredEvent],
-        new: list[StoredEvent],
-    ) -> AppendResult:
-        room, user, device, mid = kw["room"], kw["user"], kw["device"], kw["mid"]
-        kind, envelope, now = kw["kind"], kw["envelope"], kw["now"]
-        allowed = MESSAGE_KINDS.get(kind)
-        if allowed is None:
-            raise refuse(ErrorCode.INVALID_FIELD, "not a message kind")
-        room_state, role = state.get(room), roles.get((room, user))
-        if room_state is None or role is None or not allowed(role):
-            raise refuse(ErrorCode.FORBIDDEN, "may not post")  # an unknown room alike
-        audit = kw["audit"]
-        original = stored.get((room, device, mid))
-        if original is not None:
-            if (original.payload, original.kind, original.sender_user) != (envelope, kind, user):
-                raise refuse(ErrorCode.IDEMPOTENCY_MISMATCH, "mid reused with other bytes")
-            seqs = (original.seq, original.seq)
-            await write_audit(
-                self._conn, self._writer, audit, now=now, room=room, seqs=seqs, role=role
-            )
-            return AppendResult(original, duplicate=True)
-        last_seq, epoch, pending = room_state
-        if kw["epoch"] != epoch:
-            raise refuse(ErrorCode.STALE_EPOCH, "not the current epoch")
-        if pending and not kw["allow_pending"]:
-            raise refuse(ErrorCode.REKEY_REQUIRED, "a rekey is pending")
-        seq = room_state[0] = last_seq + 1
-        event = StoredEvent(room, seq, kind, device, user, now, envelope, mid)
-        new.append(event)
-        stored[(room, device, mid)] = event
-        self._last[room] = seq
-        await write_audit(
-            self._conn, self._writer, audit, now=now, room=room, seqs=(seq, seq), role=role
-        )
-        return AppendResult(event, duplicate=False)
 
     async def finish(self) -> None:
         if self._pg is not None:

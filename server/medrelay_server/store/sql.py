@@ -46,6 +46,7 @@ from .base import (
 )
 from .engine import Database
 from .group import BatchObserver, GroupCommitter
+from .onetrip import OneTrip
 from .rows import EVENTS_CHANNEL, current_role, get_room
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class SqlStore:
     a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
     concurrent ``append_message`` calls in shared transactions (:mod:`.group`), one batch at
     a time unless ``batches_in_flight`` says more (PostgreSQL only; SQLite keeps one).
+    ``one_trip_sends`` (default on, PostgreSQL with group commit): a batch planned from what
+    this node remembers is stored in one call when that still holds (:mod:`.onetrip`).
     ``instance_holder`` (from ``nodeinstance.NodeInstance``, whose claim the caller holds)
     lets a restart after a crash take over the lease its dead predecessor left.
     """
@@ -103,6 +106,7 @@ class SqlStore:
         instance_holder: str | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         batches_in_flight: int | None = None,
+        one_trip_sends: bool = True,
     ) -> None:
         self._db = Database(url, schema=schema, pool_size=pool_size)
         self.writer = ChainWriter(
@@ -112,8 +116,13 @@ class SqlStore:
             enabled=journal,
             instance_holder=instance_holder,
         )
+        one_trip = None
+        if one_trip_sends and journal and not self._db.is_sqlite:
+            one_trip = OneTrip(self._db, self.writer)
         self._group = (
-            GroupCommitter(self._db, self.writer, depth=batches_in_flight) if group_commit else None
+            GroupCommitter(self._db, self.writer, depth=batches_in_flight, one_trip=one_trip)
+            if group_commit
+            else None
         )
 
     def __repr__(self) -> str:
@@ -177,6 +186,8 @@ class SqlStore:
         def parse(payload: str) -> None:
             room, _, seq = payload.rpartition("\x1f")
             if room and seq.isdigit():
+                if self._group is not None:
+                    self._group.heard(room, int(seq))
                 callback(room, int(seq))
 
         await self._db.listen(EVENTS_CHANNEL, parse, stop)

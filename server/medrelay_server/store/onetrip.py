@@ -1,0 +1,209 @@
+"""PostgreSQL: a send batch in one round trip when this node's predictions hold.
+
+A batch the usual way (:class:`~.messages.SendBatch`) is five round trips: BEGIN, the room
+locks, the roles and retried sends, the writes, COMMIT. Under load each waits for the busy
+event loop as well as for the database (``docs/performance.md``, "Seventh round"). Most
+batches need none of that reading: the node committed the previous batch in the same rooms
+and knows what it left, namely each room's last seq, epoch and pending flag, the senders'
+roles, and its own journal head.
+
+So the node plans the batch from what it remembers (:class:`Predictions`), exactly as
+``SendBatch`` would plan it from what it reads (:func:`~.messages.plan_send`), and sends
+the plan and the predictions in one call of ``medrelay_send_batch`` (migration 0007). The
+call is its own transaction. It locks the rooms in room order, then checks every
+prediction with statements that see everything committed before the locks were granted,
+and writes only if all hold. A removal committed just before is therefore seen exactly as
+``SendBatch``'s own read sees it (I2): it moved the room's last seq, so the call writes
+nothing. Any miss (and any batch whose plan refuses a send: a refusal is only ever made
+from what was read under the locks) runs the usual way, which then teaches the node the
+rooms' state again.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medrelay_protocol.errors import RequestError
+
+from .audit import ChainWriter, pg_audit_columns
+from .base import AppendResult, AuditRecord, StoredEvent
+from .engine import Database, raw_errors
+from .messages import plan_send
+from .rows import EVENTS_CHANNEL
+
+DEFAULT_ROOMS = 4096
+"""Rooms remembered, least recently used first out (a prediction is about 200 bytes plus
+its senders' roles)."""
+
+STORED, ROOM_MOVED, ROLE_CHANGED, RETRIED, HEAD_MOVED = range(5)
+"""``medrelay_send_batch``'s answers: stored, or which prediction failed."""
+MISSES = {ROOM_MOVED: "room", ROLE_CHANGED: "role", RETRIED: "retried", HEAD_MOVED: "head"}
+
+_CALL = "SELECT medrelay_send_batch(" + ", ".join(f"${i}" for i in range(1, 47)) + ")"
+_EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
+
+
+@dataclass(slots=True)
+class _Room:
+    last_seq: int
+    epoch: int
+    pending: bool
+    roles: dict[str, str] = field(default_factory=dict)
+    sending: int = 0
+    """The last seq of this node's call in flight: its own NOTIFY is not news."""
+
+
+class Predictions:
+    """What this node last saw committed in the rooms it sends into: each room's last seq,
+    epoch and pending flag, and the roles of the members who sent. Only ever a guess (the
+    call checks each one); bounded to ``max_rooms`` rooms, least recently used out."""
+
+    def __init__(self, max_rooms: int = DEFAULT_ROOMS) -> None:
+        if max_rooms < 1:
+            raise ValueError("max_rooms must be at least 1")
+        self._max = max_rooms
+        self._rooms: collections.OrderedDict[str, _Room] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def lookup(
+        self, items: Sequence[dict[str, Any]]
+    ) -> tuple[dict[str, list[Any]], dict[tuple[str, str], str]] | None:
+        """The batch's state as :func:`plan_send` takes it, or None if any room or sender
+        is unknown."""
+        state: dict[str, list[Any]] = {}
+        roles: dict[tuple[str, str], str] = {}
+        for kw in items:
+            room, user = str(kw["room"]), str(kw["user"])
+            known = self._rooms.get(room)
+            role = None if known is None else known.roles.get(user)
+            if known is None or role is None:
+                return None
+            if room not in state:
+                state[room] = [known.last_seq, known.epoch, known.pending]
+                self._rooms.move_to_end(room)
+            roles[(room, user)] = role
+        return state, roles
+
+    def learn(self, state: dict[str, list[Any]], roles: dict[tuple[str, str], str]) -> None:
+        """After a committed batch: ``state`` (room -> [last seq, epoch, pending]) as it
+        left the rooms, and the senders' roles it read."""
+        for room, (last_seq, epoch, pending) in state.items():
+            known = self._rooms.get(room)
+            if known is None:
+                self._rooms[room] = _Room(last_seq, epoch, bool(pending))
+            elif last_seq >= known.last_seq:
+                known.last_seq, known.epoch, known.pending = last_seq, epoch, bool(pending)
+            self._rooms.move_to_end(room)
+        for (room, user), role in roles.items():
+            known = self._rooms.get(room)
+            if known is not None:
+                known.roles[user] = role
+        while len(self._rooms) > self._max:
+            self._rooms.popitem(last=False)
+
+    def sending(self, last: dict[str, int]) -> None:
+        for room, seq in last.items():
+            known = self._rooms.get(room)
+            if known is not None:
+                known.sending = seq
+
+    def sent(self, last: dict[str, int]) -> None:
+        for room, seq in last.items():
+            known = self._rooms.get(room)
+            if known is not None:
+                known.last_seq = max(known.last_seq, seq)
+
+    def forget(self, rooms: Sequence[str]) -> None:
+        for room in rooms:
+            self._rooms.pop(room, None)
+
+    def heard(self, room: str, seq: int) -> None:
+        """Any node committed ``room`` up to ``seq`` (its NOTIFY): unless that was this
+        node's own, the room moved on without us, so the next batch there reads it."""
+        known = self._rooms.get(room)
+        if known is not None and seq > max(known.last_seq, known.sending):
+            del self._rooms[room]
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One call: the batch's outcomes if it was stored (None if a prediction missed, or
+    the batch was not tried), the call's time in seconds, and which miss."""
+
+    outcomes: list[AppendResult] | None
+    seconds: float = 0.0
+    miss: str | None = None
+
+
+NOT_TRIED = Trip(None)
+
+
+class OneTrip:
+    """Plans batches from :class:`Predictions` and stores them with one call."""
+
+    def __init__(
+        self, db: Database, writer: ChainWriter, *, max_rooms: int = DEFAULT_ROOMS
+    ) -> None:
+        self._db = db
+        self._writer = writer
+        self.predictions = Predictions(max_rooms)
+
+    async def run(
+        self, items: Sequence[dict[str, Any]], clock: Callable[[], float] = time.monotonic
+    ) -> Trip:
+        """Store the batch in one call if it can be planned from the predictions and they
+        hold. An error propagates with the batch's rooms forgotten (its retry reads them)."""
+        known = self.predictions.lookup(items)
+        if known is None:
+            return NOT_TRIED
+        state, roles = known
+        before = {room: tuple(values) for room, values in state.items()}
+        stored: dict[tuple[str, str, bytes], StoredEvent] = {}
+        new: list[StoredEvent] = []
+        outcomes: list[AppendResult] = []
+        records: list[AuditRecord] = []
+        for kw in items:
+            try:
+                outcome, audit = plan_send(kw, state, roles, stored, new)
+            except RequestError:  # refused only from what was read under the locks
+                return NOT_TRIED
+            outcomes.append(outcome)
+            records.extend(audit)
+        taken = self._writer.plan_one_trip(records)
+        if taken is None:
+            return NOT_TRIED
+        rooms = sorted(state)
+        last = {room: int(state[room][0]) for room in rooms}
+        args = [
+            rooms,
+            *([before[room][i] for room in rooms] for i in range(3)),
+            [last[room] for room in rooms],
+            *map(list, zip(*roles, strict=True)),
+            list(roles.values()),
+            *([getattr(ev, f) for ev in new] for f in _EVENT_ORDER),
+            EVENTS_CHANNEL,
+            *taken.condition,
+            *pg_audit_columns(taken.entries),
+        ]
+        self.predictions.sending(last)
+        started = clock()
+        try:
+            async with self._db.statement() as pg, raw_errors():
+                code = await pg.fetchval(_CALL, *args)
+        except BaseException:  # stored or not is unknown: plan from the stored state
+            self._writer.one_trip_done(taken, stored=False, head_moved=True)
+            self.predictions.forget(rooms)
+            raise
+        seconds = clock() - started
+        self._writer.one_trip_done(taken, stored=code == STORED, head_moved=code == HEAD_MOVED)
+        if code != STORED:
+            self.predictions.forget(rooms)
+            return Trip(None, seconds, MISSES.get(code, "unknown"))
+        self.predictions.sent(last)
+        return Trip(outcomes, seconds)

@@ -1,0 +1,271 @@
+"""PostgreSQL: a send batch planned from what the node remembers is stored in one call
+(``store/onetrip.py``, ``medrelay_send_batch``), and any prediction that no longer holds
+(room moved on, role changed, send already stored, journal head moved or taken over)
+stores nothing and runs the batch the usual way, with the same outcome as without the
+one-trip path."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from medrelay_protocol.codes import ErrorCode
+from medrelay_server.clock import FakeClock
+from medrelay_server.journal.verify import verify
+from medrelay_server.store.base import AuditRecord, NodeFenced
+from medrelay_server.store.group import BatchTimes
+from medrelay_server.store.sql import SqlStore
+
+from ..polling import until
+from .conftest import PG_URL, StoreBackend, _drop_schema
+from .test_store_contract import NOW, ROOM, new_room, refused, send
+
+pytestmark = pytest.mark.postgres
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+class Env:
+    def __init__(self, backend: StoreBackend, raw: asyncpg.Connection) -> None:
+        self.backend = backend
+        self.raw = raw
+        self.clock = FakeClock()
+        self.paths: dict[str, list[str]] = {}
+
+    async def open(self, node: str = "node-1", **kw: Any) -> SqlStore:
+        store = await self.backend.open(node, clock=self.clock, **kw)
+        paths = self.paths.setdefault(node, [])
+
+        def observe(times: BatchTimes) -> None:
+            paths.append(times.path)
+
+        store.observe_send_batches(observe)
+        return store
+
+
+async def _env() -> AsyncIterator[Env]:
+    schema = "test_" + secrets.token_hex(8)
+    backend = StoreBackend("postgres", PG_URL, schema)
+    raw = await asyncpg.connect(DSN, server_settings={"search_path": schema})
+    try:
+        yield Env(backend, raw)
+    finally:
+        await raw.close()
+        await backend.close_all()
+        await _drop_schema(schema)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async for e in _env():
+        yield e
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[Env]:
+    async for e in _env():
+        yield e
+
+
+async def _workload(store: SqlStore) -> None:
+    """Sends one after another and in concurrent batches, two rooms, a retry, refusals."""
+    await new_room(store)
+    await new_room(store, "room-2")
+    for i in range(5):
+        await send(store, mid=b"%016d" % i)
+    calls = [send(store, mid=b"%016d" % (10 + i), room=(ROOM, "room-2")[i % 2]) for i in range(12)]
+    await asyncio.gather(*calls)
+    await send(store, mid=b"%016d" % 3)  # a retry of a stored send
+    await refused(ErrorCode.STALE_EPOCH, send(store, mid=b"x" * 16, epoch=7))
+    await refused(ErrorCode.FORBIDDEN, send(store, "mallory", mid=b"y" * 16))
+    for i in range(3):
+        await send(store, mid=b"%016d" % (30 + i), room="room-2")
+
+
+async def _stored(raw: asyncpg.Connection) -> tuple[list[Any], list[Any], list[Any]]:
+    events = await raw.fetch("SELECT * FROM events ORDER BY room, seq")
+    audit = await raw.fetch("SELECT * FROM audit ORDER BY id")
+    nodes = await raw.fetch("SELECT node, token, head_idx, head_hash FROM journal_nodes")
+    return [tuple(r) for r in events], [tuple(r) for r in audit], [tuple(r) for r in nodes]
+
+
+async def test_the_same_rows_as_without_it(env: Env, other: Env) -> None:
+    """The same workload with and without the one-trip path stores the same events, the
+    same audit rows (hashes included) and the same journal head; most batches took one
+    trip, and every miss was run the usual way."""
+    await _workload(await env.open())
+    await _workload(await other.open(one_trip_sends=False))
+    assert await _stored(env.raw) == await _stored(other.raw)
+    assert set(other.paths["node-1"]) == {"full"}
+    paths = env.paths["node-1"]
+    # the first batch in each room reads it; the retry misses; a batch that would be
+    # refused (stale epoch) or names an unknown sender (mallory) reads
+    assert (
+        paths
+        == ["full", *["one_trip"] * 4, "full", "after_miss", "full", "full"] + ["one_trip"] * 3
+    ), paths
+    assert (await verify(env.backend._opened[0].database, [], b"")).ok
+
+
+async def test_a_room_moved_by_another_node_misses_then_stores(env: Env) -> None:
+    one = await env.open("node-1")
+    two = await env.open("node-2")
+    await new_room(one)
+    assert (await send(one, mid=b"a" * 16)).event.seq == 3
+    assert (await send(one, mid=b"b" * 16)).event.seq == 4
+    assert (await send(two, mid=b"c" * 16)).event.seq == 5
+    assert (await send(one, mid=b"d" * 16)).event.seq == 6
+    assert env.paths["node-1"] == ["full", "one_trip", "after_miss"]
+    assert (await verify(one.database, [], b"")).ok
+
+
+async def test_a_removed_sender_misses_and_is_refused(env: Env) -> None:
+    """The removal here ends bob's interval without moving the room's last seq, so it is
+    the role check that misses (a removal through the store moves the seq as well)."""
+    store = await env.open()
+    await new_room(store)
+    await env.raw.execute(
+        "INSERT INTO memberships (room, user_id, from_seq, to_seq, role)"
+        " VALUES ($1, 'bob', 1, NULL, 'member')",
+        ROOM,
+    )
+    await send(store, "bob", mid=b"a" * 16)
+    await send(store, "bob", mid=b"b" * 16)
+    await env.raw.execute(
+        "UPDATE memberships SET to_seq = 4 WHERE room = $1 AND user_id = 'bob'", ROOM
+    )
+    await refused(ErrorCode.FORBIDDEN, send(store, "bob", mid=b"c" * 16))
+    assert env.paths["node-1"] == ["full", "one_trip", "after_miss"]
+    assert await env.raw.fetchval("SELECT last_seq FROM rooms WHERE room = $1", ROOM) == 4
+
+
+async def test_a_retried_send_misses_and_gets_its_first_ack(env: Env) -> None:
+    store = await env.open()
+    await new_room(store)
+    first = await send(store, mid=b"a" * 16)
+    await send(store, mid=b"b" * 16)
+    again = await send(store, mid=b"a" * 16)
+    assert again.duplicate and again.event.seq == first.event.seq
+    assert env.paths["node-1"] == ["full", "one_trip", "after_miss"]
+    assert await env.raw.fetchval("SELECT count(*) FROM events WHERE kind = 'message'") == 2
+
+
+async def test_a_rekey_pending_misses_and_is_refused(env: Env) -> None:
+    store = await env.open()
+    await new_room(store)
+    await send(store, mid=b"a" * 16)
+    await send(store, mid=b"b" * 16)
+    await env.raw.execute("UPDATE rooms SET pending_rekey = true WHERE room = $1", ROOM)
+    await refused(ErrorCode.REKEY_REQUIRED, send(store, mid=b"c" * 16))
+    assert env.paths["node-1"] == ["full", "one_trip", "after_miss"]
+
+
+async def test_a_node_taken_over_stores_nothing(env: Env) -> None:
+    store = await env.open(lease_seconds=60)
+    await new_room(store)
+    await send(store, mid=b"a" * 16)
+    await send(store, mid=b"b" * 16)
+    env.clock.advance(120)  # node-1's lease expired and another process took the id
+    usurper = await env.backend.open("node-1", clock=env.clock)
+    with pytest.raises(NodeFenced):
+        await send(store, mid=b"c" * 16)
+    assert env.paths["node-1"] == ["full", "one_trip"]  # the fenced batch was not committed
+    assert await env.raw.fetchval("SELECT last_seq FROM rooms WHERE room = $1", ROOM) == 4
+    await send(usurper, mid=b"c" * 16)
+    assert (await verify(usurper.database, [], b"")).ok
+
+
+async def test_a_journal_write_between_batches_keeps_one_trip(env: Env) -> None:
+    """The node's own journal writes move the head the writer remembers, so the next batch
+    still takes one trip."""
+    store = await env.open()
+    await new_room(store)
+    await send(store, mid=b"a" * 16)
+    await store.journal([AuditRecord("signin", "ok", user="alice", ts=NOW)])
+    await send(store, mid=b"b" * 16)
+    assert env.paths["node-1"] == ["full", "one_trip"]
+    assert (await verify(store.database, [], b"")).ok
+
+
+async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> None:
+    """I2 on the one-trip path: the call waits for the room lock a removal holds, and the
+    removal's commit refuses the send (its checks run after the lock, each with a new
+    snapshot)."""
+    store = await env.open()
+    await new_room(store)
+    await env.raw.execute(
+        "INSERT INTO memberships (room, user_id, from_seq, to_seq, role)"
+        " VALUES ($1, 'bob', 1, NULL, 'member')",
+        ROOM,
+    )
+    await send(store, "bob", mid=b"a" * 16)
+    tx = env.raw.transaction()
+    await tx.start()
+    await env.raw.execute("SELECT 1 FROM rooms WHERE room = $1 FOR UPDATE", ROOM)
+    await env.raw.execute(
+        "UPDATE memberships SET to_seq = 3 WHERE room = $1 AND user_id = 'bob'", ROOM
+    )
+    sending = asyncio.create_task(send(store, "bob", mid=b"b" * 16))
+    watcher = await asyncpg.connect(DSN)
+    try:
+
+        async def waiting() -> bool:
+            n = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = 'test' AND query LIKE '%medrelay_send_batch%'"
+            )
+            return bool(n)
+
+        await until(waiting)
+    finally:
+        await watcher.close()
+    await tx.commit()
+    await asyncio.wait_for(refused(ErrorCode.FORBIDDEN, sending), 10)
+    assert env.paths["node-1"] == ["full", "after_miss"]
+
+
+async def test_another_nodes_notify_makes_the_next_batch_read(env: Env) -> None:
+    """Hearing another node's commit in a room (NOTIFY) drops the prediction, so the next
+    batch there reads the room instead of missing first."""
+    one = await env.open("node-1")
+    two = await env.open("node-2")
+    await new_room(one)
+    await send(one, mid=b"a" * 16)
+    heard: list[tuple[str, int]] = []
+    stop = asyncio.Event()
+    listening = asyncio.create_task(one.listen(lambda room, seq: heard.append((room, seq)), stop))
+    sent = [0]
+
+    async def heard_own_send() -> bool:  # until the listener is up
+        sent[0] += 1
+        seq = (await send(one, mid=b"w%015d" % sent[0])).event.seq
+        return (ROOM, seq) in heard or await _heard(heard, (ROOM, seq))
+
+    try:
+        await until(heard_own_send)
+        own = len(env.paths["node-1"])
+        await send(one, mid=b"b" * 16)
+        seq = (await send(two, mid=b"c" * 16)).event.seq
+        await until(lambda: _heard(heard, (ROOM, seq)))
+        await send(one, mid=b"d" * 16)
+    finally:
+        stop.set()
+        await listening
+    # its own NOTIFYs kept the prediction; node-2's dropped it
+    assert env.paths["node-1"][own:] == ["one_trip", "full"]
+
+
+async def _heard(heard: list[tuple[str, int]], what: tuple[str, int]) -> bool:
+    try:
+        await until(lambda: _now(what in heard), timeout=0.5)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _now(value: bool) -> bool:
+    return value
