@@ -82,10 +82,12 @@ class Table:
         if stages:
             self.add(
                 scen,
-                "at half load, mean ms: a send's wait for its batch / the batch's begin / "
-                "read / write / commit (sends per batch)",
+                "at half load, mean ms: a send's wait for its batch / the one-trip call / "
+                "then, batches run the usual way: begin / read / write / commit "
+                "(sends per batch, share in one trip)",
                 " / ".join(f"{stages.get(k, math.nan) * 1e3:.1f}" for k in STAGES)
-                + f" ({stages.get('sends', math.nan):.1f})",
+                + f" ({stages.get('sends', math.nan):.1f},"
+                f" {stages.get('one_trip', math.nan):.0%})",
                 "",
                 "",
             )

@@ -118,14 +118,22 @@ class Window:
         return text
 
 
-STAGES = ("wait", "begin", "read", "write", "commit")
+STAGES = ("wait", "call", "begin", "read", "write", "commit")
 
 
 def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
     """From a node's ``/metrics``: (sum, count) of each send's wait for its group-commit
-    batch ("wait"), of each batch stage, and of sends per batch ("sends")."""
+    batch ("wait"), of each batch stage ("call": the one-trip call; "begin" to "commit":
+    the batches run the usual way), of sends per batch ("sends"), and (batches stored in
+    one trip, all batches) as "one_trip", so that its mean is the one-trip share."""
     out: dict[str, tuple[float, float]] = {}
+    paths: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if family.name == "medrelay_send_batches":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    paths[sample.labels.get("path", "")] = sample.value
+            continue
         if family.name not in (
             "medrelay_send_wait_seconds",
             "medrelay_send_batch_seconds",
@@ -144,6 +152,8 @@ def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
                 out[key] = (sample.value, count)
             elif sample.name.endswith("_count"):
                 out[key] = (total, sample.value)
+    if paths:
+        out["one_trip"] = (paths.get("one_trip", 0.0), sum(paths.values()))
     return out
 
 
@@ -162,8 +172,9 @@ def stage_means(
 def describe_stages(stages: Mapping[str, float]) -> str:
     parts = " / ".join(f"{stages.get(k, math.nan) * 1e3:.1f}" for k in STAGES)
     return (
-        f"send store, mean ms: wait / begin / read / write / commit {parts}; "
-        f"{stages.get('sends', math.nan):.1f} sends per batch"
+        f"send store, mean ms: wait / call / begin / read / write / commit {parts}; "
+        f"{stages.get('sends', math.nan):.1f} sends per batch, "
+        f"{stages.get('one_trip', math.nan):.0%} in one trip"
     )
 
 

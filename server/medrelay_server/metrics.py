@@ -42,12 +42,22 @@ class Metrics:
         )
         self.send_batch_seconds = Histogram(
             "medrelay_send_batch_seconds",
-            "A group-commit batch's stages: begin (connection, BEGIN), read (room locks,"
+            "A group-commit batch's stages: call (the one-trip call, stored or missed);"
+            " then, run the usual way, begin (connection, BEGIN), read (room locks,"
             " senders' roles), write (events, last seqs, audit rows), commit (COMMIT)",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.send_batches = Counter(
+            "medrelay_send_batches_total",
+            "Group-commit batches by path: one_trip (stored by one call), full (the usual"
+            " five round trips), after_miss (one call whose predictions missed, then full)",
+            ["path"],
+            registry=r,
+        )
+        for path in ("one_trip", "full", "after_miss"):  # shown from the start, at 0
+            self.send_batches.labels(path=path)
         self.send_batch_sends = Histogram(
             "medrelay_send_batch_sends",
             "Sends per group-commit batch",
@@ -79,7 +89,12 @@ class Metrics:
         for wait in times.waits:
             self.send_wait_seconds.observe(wait)
         self.send_batch_sends.observe(len(times.waits))
+        self.send_batches.labels(path=times.path).inc()
         stage = self.send_batch_seconds.labels
+        if times.path != "full":
+            stage(stage="call").observe(times.call)
+        if times.path == "one_trip":
+            return
         stage(stage="begin").observe(times.begin)
         stage(stage="read").observe(times.read)
         stage(stage="write").observe(times.write)

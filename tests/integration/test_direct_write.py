@@ -4,12 +4,19 @@ websockets removes the fast path, this fails instead of the fan-out silently slo
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import httpx
+import pytest
 from medrelay_server.gateway.connection import Connection
+from medrelay_server.settings import Limits
 
 from bench.stats import STAGES, parse_send_stages, stage_means
 
-from .conftest import Harness
+from ..server.conftest import PG_URL, _drop_schema
+from .conftest import Harness, _harness
 
 
 def _count_paths(conn: Connection, counts: dict[str, int]) -> None:
@@ -47,12 +54,26 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
 
 
-async def test_send_store_time_is_exported(harness: Harness) -> None:
-    alice = await harness.client("alice")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "sqlite":
+        async for h in _harness(tmp_path, Limits()):
+            yield h
+        return
+    schema = "direct_" + secrets.token_hex(6)
+    try:
+        async for h in _harness(tmp_path, Limits(), database_url=PG_URL, schema=schema):
+            yield h
+    finally:
+        await _drop_schema(schema)
+
+
+async def test_send_store_time_is_exported(node: Harness) -> None:
+    alice = await node.client("alice")
     room = await alice.create_room()
     for i in range(3):
         await alice.send_text(room, f"obs {i}")
-    async with httpx.AsyncClient(base_url=harness.server.http, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=node.server.http, timeout=10) as http:
         text = (await http.get("/metrics")).text
     counts = [
         line for line in text.splitlines() if line.startswith("medrelay_send_store_seconds_count")
@@ -60,14 +81,23 @@ async def test_send_store_time_is_exported(harness: Harness) -> None:
     assert counts == ["medrelay_send_store_seconds_count 3.0"]
     assert 'medrelay_send_store_seconds_bucket{le="+Inf"} 3.0' in text
     # where that time went: each send's wait for its batch, and each batch's stages (one
-    # send awaited after another: a batch each)
+    # send awaited after another: a batch each). On PostgreSQL the first batch in the room
+    # reads it and the next two are stored in one call each (``store/onetrip.py``)
+    one_trip = 0 if node.store.database.is_sqlite else 2
     assert "medrelay_send_wait_seconds_count 3.0" in text
     assert "medrelay_send_batch_sends_sum 3.0" in text
+    assert f'medrelay_send_batches_total{{path="one_trip"}} {one_trip:.1f}' in text
+    assert f'medrelay_send_batches_total{{path="full"}} {3 - one_trip:.1f}' in text
     for stage in ("begin", "read", "write", "commit"):
-        assert f'medrelay_send_batch_seconds_count{{stage="{stage}"}} 3.0' in text
+        assert f'medrelay_send_batch_seconds_count{{stage="{stage}"}} {3 - one_trip:.1f}' in text
     # the bench reads the same names (``bench/stats.py``) for its per-window breakdown
     read = parse_send_stages(text)
-    assert {k: count for k, (_, count) in read.items()} == dict.fromkeys((*STAGES, "sends"), 3.0)
+    expected = dict.fromkeys((*STAGES, "sends", "one_trip"), 3.0)
+    expected.update(dict.fromkeys(("begin", "read", "write", "commit"), 3.0 - one_trip))
+    expected["call"] = float(one_trip)
+    assert {k: count for k, (_, count) in read.items() if count} == {
+        k: v for k, v in expected.items() if v
+    }
     means = stage_means({}, read)
-    assert means["sends"] == 1.0
-    assert all(0 < means[k] < 10 for k in STAGES if k != "wait")
+    assert means["sends"] == 1.0 and means.get("one_trip", 0.0) == one_trip / 3
+    assert all(0 < means[k] < 10 for k in STAGES if k != "wait" and k in means)
