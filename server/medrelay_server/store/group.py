@@ -156,6 +156,8 @@ class GroupCommitter:
             begun = clock()
             sends = messages.SendBatch(conn, self._writer, pg=pg)
             outcomes = await sends.append_many(items)
+            if self._one_trip is not None:  # its own NOTIFYs are not news
+                self._one_trip.predictions.sending({r: v[0] for r, v in sends.state.items()})
             read = clock()
             await sends.finish()
             written = clock()

@@ -67,17 +67,18 @@ _STATEMENTS = _send_statements()
 _EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
 # PostgreSQL: the same work straight to asyncpg on the transaction's connection, with exact
 # keys through unnest (unqualified names resolve through search_path)
-# a batch's senders' current roles (kind false: room, user, role) and its sends already
-# stored (kind true: the event), in one round trip; after the room locks, as its own
-# statement, so that it reads what was committed before the locks were granted
+# the current roles of every member of the batch's rooms (kind false: room, user, role;
+# the senders' are what the checks use, the others let the node plan later batches from
+# them, ``onetrip.py``) and the batch's sends already stored (kind true: the event), in one
+# round trip; after the room locks, as its own statement, so that it reads what was
+# committed before the locks were granted
 _PG_READ = (
     "SELECT false, m.room, m.user_id, m.role, NULL::bigint, NULL::text, NULL::bigint,"
     " NULL::bytea, NULL::bytea FROM memberships m"
-    " JOIN unnest($1::text[], $2::text[]) AS k(room, user_id)"
-    " ON m.room = k.room AND m.user_id = k.user_id WHERE m.to_seq IS NULL"
+    " WHERE m.room = ANY($1::text[]) AND m.to_seq IS NULL"
     " UNION ALL"
     " SELECT true, e.room, e.sender_device, e.sender_user, e.seq, e.kind, e.ts, e.payload, e.mid"
-    " FROM events e JOIN unnest($3::text[], $4::text[], $5::bytea[]) AS k(room, device, mid)"
+    " FROM events e JOIN unnest($2::text[], $3::text[], $4::bytea[]) AS k(room, device, mid)"
     " ON e.room = k.room AND e.sender_device = k.device AND e.mid = k.mid"
 )
 # the batch's writes in one round trip: its new events, each room's last seq with a NOTIFY
@@ -203,7 +204,7 @@ class SendBatch:
         pairs = sorted({(str(kw["room"]), str(kw["user"])) for kw in items})
         keys = [(str(kw["room"]), str(kw["device"]), bytes(kw["mid"])) for kw in items]
         if self._pg is not None:
-            roles, stored = await self._read_pg(pairs, keys)
+            roles, stored = await self._read_pg(rooms, keys)
         else:
             roles, stored = await self._read(pairs, keys)
         new: list[StoredEvent] = []
@@ -229,9 +230,9 @@ class SendBatch:
         return out
 
     async def _read_pg(
-        self, pairs: list[tuple[str, str]], keys: list[_Key]
+        self, rooms: list[str], keys: list[_Key]
     ) -> tuple[dict[tuple[str, str], str], dict[_Key, StoredEvent]]:
-        args = [*map(list, zip(*pairs, strict=True)), *map(list, zip(*keys, strict=True))]
+        args = [rooms, *map(list, zip(*keys, strict=True))]
         async with raw_errors():
             rows = await self._pg.fetch(_PG_READ, *args)
         roles: dict[tuple[str, str], str] = {}

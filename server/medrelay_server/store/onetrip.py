@@ -36,8 +36,8 @@ from .messages import plan_send
 from .rows import EVENTS_CHANNEL
 
 DEFAULT_ROOMS = 4096
-"""Rooms remembered, least recently used first out (a prediction is about 200 bytes plus
-its senders' roles)."""
+"""Rooms remembered, least recently used first out (a room is about 300 bytes plus about
+150 per member)."""
 
 STORED, ROOM_MOVED, ROLE_CHANGED, RETRIED, HEAD_MOVED = range(5)
 """``medrelay_send_batch``'s answers: stored, or which prediction failed."""
@@ -49,18 +49,20 @@ _EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "pa
 
 @dataclass(slots=True)
 class _Room:
-    last_seq: int
-    epoch: int
-    pending: bool
+    state: tuple[int, int, bool] | None
+    """(last seq, epoch, pending) as this node last left it; None once another node
+    moved the room on or a call found it moved (the next batch there reads it)."""
     roles: dict[str, str] = field(default_factory=dict)
+    """Members' current roles as last read: kept while the room's seq moves on (another
+    node's send changes no role); dropped with the room when a call found one changed."""
     sending: int = 0
-    """The last seq of this node's call in flight: its own NOTIFY is not news."""
+    """The last seq of this node's batch in flight: its own NOTIFY is not news."""
 
 
 class Predictions:
     """What this node last saw committed in the rooms it sends into: each room's last seq,
-    epoch and pending flag, and the roles of the members who sent. Only ever a guess (the
-    call checks each one); bounded to ``max_rooms`` rooms, least recently used out."""
+    epoch and pending flag, and its members' roles. Only ever a guess (the call checks
+    each one); bounded to ``max_rooms`` rooms, least recently used out."""
 
     def __init__(self, max_rooms: int = DEFAULT_ROOMS) -> None:
         if max_rooms < 1:
@@ -74,50 +76,59 @@ class Predictions:
     def lookup(
         self, items: Sequence[dict[str, Any]]
     ) -> tuple[dict[str, list[Any]], dict[tuple[str, str], str]] | None:
-        """The batch's state as :func:`plan_send` takes it, or None if any room or sender
-        is unknown."""
+        """The batch's state as :func:`plan_send` takes it, or None if any room's state or
+        any sender's role is unknown."""
         state: dict[str, list[Any]] = {}
         roles: dict[tuple[str, str], str] = {}
         for kw in items:
             room, user = str(kw["room"]), str(kw["user"])
             known = self._rooms.get(room)
-            role = None if known is None else known.roles.get(user)
-            if known is None or role is None:
+            if known is None or known.state is None or user not in known.roles:
                 return None
             if room not in state:
-                state[room] = [known.last_seq, known.epoch, known.pending]
+                state[room] = list(known.state)
                 self._rooms.move_to_end(room)
-            roles[(room, user)] = role
+            roles[(room, user)] = known.roles[user]
         return state, roles
 
     def learn(self, state: dict[str, list[Any]], roles: dict[tuple[str, str], str]) -> None:
         """After a committed batch: ``state`` (room -> [last seq, epoch, pending]) as it
-        left the rooms, and the senders' roles it read."""
+        left the rooms, and the roles of all their current members as it read them."""
+        members: dict[str, dict[str, str]] = {room: {} for room in state}
+        for (room, user), role in roles.items():
+            if room in members:
+                members[room][user] = role
         for room, (last_seq, epoch, pending) in state.items():
             known = self._rooms.get(room)
             if known is None:
-                self._rooms[room] = _Room(last_seq, epoch, bool(pending))
-            elif last_seq >= known.last_seq:
-                known.last_seq, known.epoch, known.pending = last_seq, epoch, bool(pending)
+                self._rooms[room] = _Room((last_seq, epoch, bool(pending)), members[room])
+            else:
+                if known.state is None or last_seq >= known.state[0]:
+                    known.state = (last_seq, epoch, bool(pending))
+                known.roles = members[room]
             self._rooms.move_to_end(room)
-        for (room, user), role in roles.items():
-            known = self._rooms.get(room)
-            if known is not None:
-                known.roles[user] = role
         while len(self._rooms) > self._max:
             self._rooms.popitem(last=False)
 
     def sending(self, last: dict[str, int]) -> None:
+        """This node is about to commit these rooms up to these seqs."""
         for room, seq in last.items():
             known = self._rooms.get(room)
             if known is not None:
-                known.sending = seq
+                known.sending = max(known.sending, seq)
 
     def sent(self, last: dict[str, int]) -> None:
         for room, seq in last.items():
             known = self._rooms.get(room)
+            if known is not None and known.state is not None:
+                known.state = (max(known.state[0], seq), *known.state[1:])
+
+    def moved(self, rooms: Sequence[str]) -> None:
+        """The rooms' state is not what this node thought: read it next time."""
+        for room in rooms:
+            known = self._rooms.get(room)
             if known is not None:
-                known.last_seq = max(known.last_seq, seq)
+                known.state = None
 
     def forget(self, rooms: Sequence[str]) -> None:
         for room in rooms:
@@ -127,8 +138,9 @@ class Predictions:
         """Any node committed ``room`` up to ``seq`` (its NOTIFY): unless that was this
         node's own, the room moved on without us, so the next batch there reads it."""
         known = self._rooms.get(room)
-        if known is not None and seq > max(known.last_seq, known.sending):
-            del self._rooms[room]
+        if known is not None and known.state is not None:
+            if seq > max(known.state[0], known.sending):
+                known.state = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +214,11 @@ class OneTrip:
             raise
         seconds = clock() - started
         self._writer.one_trip_done(taken, stored=code == STORED, head_moved=code == HEAD_MOVED)
-        if code != STORED:
+        if code == ROLE_CHANGED:  # which member's role is not known: read them all again
             self.predictions.forget(rooms)
+        elif code != STORED:
+            self.predictions.moved(rooms)
+        if code != STORED:
             return Trip(None, seconds, MISSES.get(code, "unknown"))
         self.predictions.sent(last)
         return Trip(outcomes, seconds)

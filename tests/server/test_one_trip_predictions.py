@@ -1,0 +1,91 @@
+"""What a node remembers to plan one-trip batches (``store/onetrip.py``, ``Predictions``):
+bounded, kept only for rooms and senders it read, and dropped when another node's commit
+is heard; its own commits are not news."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from medrelay_server.store.onetrip import Predictions
+
+
+def _send(room: str, user: str = "alice") -> dict[str, Any]:
+    return {"room": room, "user": user}
+
+
+def _learned(p: Predictions, room: str, last_seq: int = 5, **roles: str) -> None:
+    members = {(room, user): role for user, role in (roles or {"alice": "owner"}).items()}
+    p.learn({room: [last_seq, 1, False]}, members)
+
+
+def test_only_rooms_and_members_read_are_predicted() -> None:
+    p = Predictions()
+    assert p.lookup([_send("r")]) is None
+    _learned(p, "r", alice="owner", bob="member")
+    assert p.lookup([_send("r"), _send("r", "bob")]) == (
+        {"r": [5, 1, False]},
+        {("r", "alice"): "owner", ("r", "bob"): "member"},
+    )
+    assert p.lookup([_send("r"), _send("r", "mallory")]) is None
+    assert p.lookup([_send("r"), _send("other")]) is None
+
+
+def test_a_read_replaces_the_rooms_members() -> None:
+    p = Predictions()
+    _learned(p, "r", alice="owner", bob="member")
+    _learned(p, "r", 6, alice="owner")  # bob was removed
+    assert p.lookup([_send("r", "bob")]) is None
+    assert p.lookup([_send("r")]) == ({"r": [6, 1, False]}, {("r", "alice"): "owner"})
+
+
+def test_an_older_read_does_not_move_the_seq_back() -> None:
+    p = Predictions()
+    _learned(p, "r", 9)
+    _learned(p, "r", 7)
+    assert p.lookup([_send("r")]) == ({"r": [9, 1, False]}, {("r", "alice"): "owner"})
+
+
+def test_another_nodes_commit_makes_the_room_read_again_but_keeps_roles() -> None:
+    p = Predictions()
+    _learned(p, "r", 5)
+    p.heard("r", 5)  # nothing new
+    assert p.lookup([_send("r")]) is not None
+    p.heard("r", 6)
+    assert p.lookup([_send("r")]) is None
+    _learned(p, "r", 6, bob="member")  # the read brings the state (and roles) back
+    assert p.lookup([_send("r", "bob")]) is not None
+
+
+def test_own_commits_in_flight_are_not_news() -> None:
+    p = Predictions()
+    _learned(p, "r", 5)
+    p.sending({"r": 8})
+    p.heard("r", 8)  # this node's own NOTIFY, heard before its call returned
+    p.sent({"r": 8})
+    assert p.lookup([_send("r")]) == ({"r": [8, 1, False]}, {("r", "alice"): "owner"})
+    p.heard("r", 9)
+    assert p.lookup([_send("r")]) is None
+
+
+def test_moved_and_forgotten_rooms() -> None:
+    p = Predictions()
+    _learned(p, "a")
+    _learned(p, "b")
+    p.moved(["a"])
+    p.forget(["b"])
+    assert p.lookup([_send("a")]) is None and p.lookup([_send("b")]) is None
+    assert len(p) == 1  # "a" keeps its roles for the next read
+
+
+def test_bounded_least_recently_used_out() -> None:
+    p = Predictions(max_rooms=3)
+    for room in "abc":
+        _learned(p, room)
+    assert p.lookup([_send("a")]) is not None  # "a" used: "b" is now the oldest
+    _learned(p, "d")
+    assert len(p) == 3
+    assert p.lookup([_send("b")]) is None
+    assert all(p.lookup([_send(r)]) is not None for r in "acd")
+    with pytest.raises(ValueError):
+        Predictions(max_rooms=0)
