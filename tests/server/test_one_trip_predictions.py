@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from medrelay_server.store.onetrip import Predictions
+from medrelay_server.store.onetrip import SHARED_BATCHES, Predictions
 
 
 def _send(room: str, user: str = "alice") -> dict[str, Any]:
@@ -46,15 +46,29 @@ def test_an_older_read_does_not_move_the_seq_back() -> None:
     assert p.lookup([_send("r")]) == ({"r": [9, 1, False]}, {("r", "alice"): "owner"})
 
 
-def test_another_nodes_commit_makes_the_room_read_again_but_keeps_roles() -> None:
+def test_another_nodes_commit_makes_the_room_read_for_a_while() -> None:
+    """Another node's commit: the room's state is read again, and the next
+    ``SHARED_BATCHES`` batches there run the usual way (a call would likely miss)."""
     p = Predictions()
     _learned(p, "r", 5)
     p.heard("r", 5)  # nothing new
     assert p.lookup([_send("r")]) is not None
     p.heard("r", 6)
-    assert p.lookup([_send("r")]) is None
-    _learned(p, "r", 6, bob="member")  # the read brings the state (and roles) back
+    for i in range(SHARED_BATCHES):
+        assert p.lookup([_send("r")]) is None
+        _learned(p, "r", 7 + i, bob="member")
     assert p.lookup([_send("r", "bob")]) is not None
+
+
+def test_a_call_that_found_the_room_moved_makes_it_read_for_a_while() -> None:
+    p = Predictions()
+    _learned(p, "r")
+    _learned(p, "s")
+    p.moved(["r"], by_another=True)
+    p.moved(["s"])  # e.g. a retried send: read once
+    _learned(p, "r", 6)
+    _learned(p, "s", 6)
+    assert p.lookup([_send("r")]) is None and p.lookup([_send("s")]) is not None
 
 
 def test_own_commits_in_flight_are_not_news() -> None:
