@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from medrelay_server.gateway.context import Gateway
 from medrelay_server.serve import Running, running
 from medrelay_server.settings import Limits, Settings
 from medrelay_server.store.sql import SqlStore
+
+from ..server.conftest import PG_URL, _drop_schema
 
 
 @dataclass
@@ -57,6 +60,21 @@ MakeHarness = Callable[..., Awaitable[Harness]]
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     async for h in _harness(tmp_path, Limits()):
         yield h
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """A real server on SQLite, and on PostgreSQL in a schema of its own."""
+    if request.param == "sqlite":
+        async for h in _harness(tmp_path, Limits()):
+            yield h
+        return
+    schema = "node_" + secrets.token_hex(6)
+    try:
+        async for h in _harness(tmp_path, Limits(), database_url=PG_URL, schema=schema):
+            yield h
+    finally:
+        await _drop_schema(schema)
 
 
 async def _harness(

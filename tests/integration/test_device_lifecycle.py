@@ -7,11 +7,8 @@ as the CLI process would, cuts off a live connection and is journaled."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 
-import pytest
 import sqlalchemy as sa
 from medrelay_client.keystore import KeyStore
 from medrelay_protocol import codec
@@ -26,33 +23,14 @@ from medrelay_server.devices_admin import (
     retire_unseen,
 )
 from medrelay_server.gateway.connection import Connection
-from medrelay_server.settings import Limits, Settings
+from medrelay_server.settings import Settings
 from medrelay_server.store.lifecycle import REVOKED_CHANNEL
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from ..polling import until
-from .conftest import Harness, _harness
+from .conftest import Harness
 from .rawclient import TIMEOUT, RawClient, close_code_after, connect_ws, hello_for, recv_frame
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 PERIOD = 30 * 86_400
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    if request.param == "sqlite":
-        async for h in _harness(tmp_path, Limits()):
-            yield h
-        return
-    schema = "lifecycle_" + secrets.token_hex(6)
-    try:
-        async for h in _harness(tmp_path, Limits(), database_url=PG_URL, schema=schema):
-            yield h
-    finally:
-        engine = create_async_engine(PG_URL)
-        async with engine.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        await engine.dispose()
 
 
 def live(h: Harness) -> Iterable[Connection]:

@@ -4,19 +4,12 @@ websockets removes the fast path, this fails instead of the fan-out silently slo
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
-import pytest
 from medrelay_server.gateway.connection import Connection
-from medrelay_server.settings import Limits
 
 from bench.stats import STAGES, parse_send_stages, stage_means
 
-from ..server.conftest import PG_URL, _drop_schema
-from .conftest import Harness, _harness
+from .conftest import Harness
 
 
 def _count_paths(conn: Connection, counts: dict[str, int]) -> None:
@@ -52,20 +45,6 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert got == sent
     assert counts["direct"] >= len(sent)  # the events, plus any roster frames
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    if request.param == "sqlite":
-        async for h in _harness(tmp_path, Limits()):
-            yield h
-        return
-    schema = "direct_" + secrets.token_hex(6)
-    try:
-        async for h in _harness(tmp_path, Limits(), database_url=PG_URL, schema=schema):
-            yield h
-    finally:
-        await _drop_schema(schema)
 
 
 async def test_send_store_time_is_exported(node: Harness) -> None:

@@ -123,9 +123,8 @@ async def test_a_room_moved_by_another_node_misses_then_stores(env: Env) -> None
     assert (await verify(one.database, [], b"")).ok
 
 
-async def test_a_removed_sender_misses_and_is_refused(env: Env) -> None:
-    """The removal here ends bob's interval without moving the room's last seq, so it is
-    the role check that misses (a removal through the store moves the seq as well)."""
+async def _room_with_bob(env: Env) -> SqlStore:
+    """node-1's store, and the room with bob added as a member straight in the table."""
     store = await env.open()
     await new_room(store)
     await env.raw.execute(
@@ -133,6 +132,13 @@ async def test_a_removed_sender_misses_and_is_refused(env: Env) -> None:
         " VALUES ($1, 'bob', 1, NULL, 'member')",
         ROOM,
     )
+    return store
+
+
+async def test_a_removed_sender_misses_and_is_refused(env: Env) -> None:
+    """The removal here ends bob's interval without moving the room's last seq, so it is
+    the role check that misses (a removal through the store moves the seq as well)."""
+    store = await _room_with_bob(env)
     await send(store, "bob", mid=b"a" * 16)
     await send(store, "bob", mid=b"b" * 16)
     await env.raw.execute(
@@ -195,13 +201,7 @@ async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> 
     """I2 on the one-trip path: the call waits for the room lock a removal holds, and the
     removal's commit refuses the send (its checks run after the lock, each with a new
     snapshot)."""
-    store = await env.open()
-    await new_room(store)
-    await env.raw.execute(
-        "INSERT INTO memberships (room, user_id, from_seq, to_seq, role)"
-        " VALUES ($1, 'bob', 1, NULL, 'member')",
-        ROOM,
-    )
+    store = await _room_with_bob(env)
     await send(store, "bob", mid=b"a" * 16)
     tx = env.raw.transaction()
     await tx.start()
