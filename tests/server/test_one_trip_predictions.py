@@ -103,3 +103,22 @@ def test_bounded_least_recently_used_out() -> None:
     assert all(p.lookup([_send(r)]) is not None for r in "acd")
     with pytest.raises(ValueError):
         Predictions(max_rooms=0)
+
+
+def test_bounded_by_members_in_all() -> None:
+    """Large rooms leave fewer rooms: the roles remembered stay within ``max_members``
+    (the newest room is kept even if it alone is larger)."""
+    p = Predictions(max_members=10)
+    big = {f"u{i}": "member" for i in range(4)}
+    for room in "abc":
+        _learned(p, room, **big)
+    assert len(p) == 2 and p.members == 8
+    assert p.lookup([_send("a", "u0")]) is None
+    _learned(p, "b", alice="owner")  # fewer members now
+    assert p.members == 5
+    p.forget(["b", "c"])
+    assert len(p) == 0 and p.members == 0
+    _learned(p, "huge", **{f"u{i}": "member" for i in range(12)})
+    assert len(p) == 1 and p.members == 12
+    with pytest.raises(ValueError):
+        Predictions(max_members=0)

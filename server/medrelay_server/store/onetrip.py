@@ -38,6 +38,8 @@ from .rows import EVENTS_CHANNEL
 DEFAULT_ROOMS = 4096
 """Rooms remembered, least recently used first out (a room is about 300 bytes plus about
 150 per member)."""
+DEFAULT_MEMBERS = 100_000
+"""Members' roles remembered over all rooms (about 15 MB): large rooms leave fewer rooms."""
 
 SHARED_BATCHES = 16
 """After another node's commit in a room, batches there run the usual way this many times
@@ -69,16 +71,24 @@ class _Room:
 class Predictions:
     """What this node last saw committed in the rooms it sends into: each room's last seq,
     epoch and pending flag, and its members' roles. Only ever a guess (the call checks
-    each one); bounded to ``max_rooms`` rooms, least recently used out."""
+    each one); bounded to ``max_rooms`` rooms and ``max_members`` roles in all, least
+    recently used rooms out."""
 
-    def __init__(self, max_rooms: int = DEFAULT_ROOMS) -> None:
-        if max_rooms < 1:
-            raise ValueError("max_rooms must be at least 1")
+    def __init__(self, max_rooms: int = DEFAULT_ROOMS, max_members: int = DEFAULT_MEMBERS) -> None:
+        if max_rooms < 1 or max_members < 1:
+            raise ValueError("max_rooms and max_members must be at least 1")
         self._max = max_rooms
+        self._max_members = max_members
+        self._members = 0
         self._rooms: collections.OrderedDict[str, _Room] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rooms)
+
+    @property
+    def members(self) -> int:
+        """Roles remembered over all rooms."""
+        return self._members
 
     def lookup(
         self, items: Sequence[dict[str, Any]]
@@ -109,14 +119,18 @@ class Predictions:
             known = self._rooms.get(room)
             if known is None:
                 self._rooms[room] = _Room((last_seq, epoch, bool(pending)), members[room])
+                self._members += len(members[room])
             else:
                 if known.state is None or last_seq >= known.state[0]:
                     known.state = (last_seq, epoch, bool(pending))
+                self._members += len(members[room]) - len(known.roles)
                 known.roles = members[room]
                 known.shared = max(0, known.shared - 1)
             self._rooms.move_to_end(room)
         while len(self._rooms) > self._max:
-            self._rooms.popitem(last=False)
+            self._members -= len(self._rooms.popitem(last=False)[1].roles)
+        while self._members > self._max_members and len(self._rooms) > 1:
+            self._members -= len(self._rooms.popitem(last=False)[1].roles)
 
     def sending(self, last: dict[str, int]) -> None:
         """This node is about to commit these rooms up to these seqs."""
@@ -144,7 +158,9 @@ class Predictions:
 
     def forget(self, rooms: Sequence[str]) -> None:
         for room in rooms:
-            self._rooms.pop(room, None)
+            known = self._rooms.pop(room, None)
+            if known is not None:
+                self._members -= len(known.roles)
 
     def heard(self, room: str, seq: int) -> None:
         """Any node committed ``room`` up to ``seq`` (its NOTIFY): unless that was this
