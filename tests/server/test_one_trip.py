@@ -22,11 +22,10 @@ from medrelay_server.store.sql import SqlStore
 
 from ..polling import until
 from .conftest import PG_URL, StoreBackend, _drop_schema
+from .test_send_locks import DSN, held_removal, waiting_on_a_lock
 from .test_store_contract import NOW, ROOM, new_room, refused, send
 
 pytestmark = pytest.mark.postgres
-
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 class Env:
@@ -203,27 +202,10 @@ async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> 
     snapshot)."""
     store = await _room_with_bob(env)
     await send(store, "bob", mid=b"a" * 16)
-    tx = env.raw.transaction()
-    await tx.start()
-    await env.raw.execute("SELECT 1 FROM rooms WHERE room = $1 FOR UPDATE", ROOM)
-    await env.raw.execute(
-        "UPDATE memberships SET to_seq = 3 WHERE room = $1 AND user_id = 'bob'", ROOM
-    )
+    removal = await held_removal(env.raw)
     sending = asyncio.create_task(send(store, "bob", mid=b"b" * 16))
-    watcher = await asyncpg.connect(DSN)
-    try:
-
-        async def waiting() -> bool:
-            n = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = 'test' AND query LIKE '%medrelay_send_batch%'"
-            )
-            return bool(n)
-
-        await until(waiting)
-    finally:
-        await watcher.close()
-    await tx.commit()
+    await waiting_on_a_lock("%medrelay_send_batch%")
+    await removal.commit()
     await asyncio.wait_for(refused(ErrorCode.FORBIDDEN, sending), 10)
     assert env.paths["node-1"] == ["full", "after_miss"]
 

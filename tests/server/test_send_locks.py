@@ -48,7 +48,7 @@ async def pg() -> AsyncIterator[tuple[SqlStore, asyncpg.Connection]]:
         await _drop_schema(schema)
 
 
-async def _held_removal(raw: asyncpg.Connection) -> asyncpg.transaction.Transaction:
+async def held_removal(raw: asyncpg.Connection) -> asyncpg.transaction.Transaction:
     tx = raw.transaction()
     await tx.start()
     await raw.execute("SELECT 1 FROM rooms WHERE room = $1 FOR UPDATE", ROOM)
@@ -60,7 +60,8 @@ async def _held_removal(raw: asyncpg.Connection) -> asyncpg.transaction.Transact
     return tx
 
 
-async def _waiting_on_a_lock() -> None:
+async def waiting_on_a_lock(query: str = "%FROM rooms WHERE room = ANY%FOR UPDATE%") -> None:
+    """Until a session whose statement is LIKE ``query`` waits for a lock."""
     watcher = await asyncpg.connect(DSN)
     try:
 
@@ -68,7 +69,8 @@ async def _waiting_on_a_lock() -> None:
             n = await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE wait_event_type = 'Lock' AND datname = 'test'"
-                " AND query LIKE '%FROM rooms WHERE room = ANY%FOR UPDATE%'"
+                " AND query LIKE $1",
+                query,
             )
             return bool(n)
 
@@ -81,9 +83,9 @@ async def _send_behind_a_removal(
     store: SqlStore, raw: asyncpg.Connection
 ) -> tuple[asyncpg.transaction.Transaction, asyncio.Task[AppendResult]]:
     """bob's send, started while a removal of bob holds the room's lock, and waiting for it."""
-    removal = await _held_removal(raw)
+    removal = await held_removal(raw)
     sending = asyncio.create_task(send(store, "bob"))
-    await _waiting_on_a_lock()
+    await waiting_on_a_lock()
     return removal, sending
 
 
