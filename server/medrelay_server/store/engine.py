@@ -6,7 +6,13 @@ Transactions:
 * PostgreSQL: writes lock the room row with ``SELECT ... FOR UPDATE`` (the queries do that);
   an optional schema name is put first on every connection's ``search_path`` (asyncpg
   ``server_settings``), so unqualified table names resolve into it. Tests use one fresh
-  schema per test.
+  schema per test. Every session runs with ``plan_cache_mode = force_custom_plan``: a
+  prepared statement (asyncpg's, or one in ``medrelay_send_batch``) otherwise switches to a
+  generic plan after five executions and keeps it until the next ANALYZE, so a node that
+  started on a young database went on scanning the whole ``events`` table for each batch's
+  check for retried sends as the table grew. Planning each statement costs tens of
+  microseconds (``tests/server/test_plan_cache.py``; ``docs/performance.md``, "Eighth
+  round").
 * SQLite: sqlite3's own transaction handling is switched off (``isolation_level = None``)
   and the ``begin`` event emits ``BEGIN IMMEDIATE`` for writes (taking the database write
   lock up front, so a read-then-write never fails to upgrade) and a plain ``BEGIN`` for
@@ -85,9 +91,10 @@ class Database:
         else:
             if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
                 raise ValueError("schema must be a lowercase SQL identifier")
-            connect_args: dict[str, Any] = {}
+            settings = {"plan_cache_mode": "force_custom_plan"}
             if schema is not None:
-                connect_args["server_settings"] = {"search_path": schema}
+                settings["search_path"] = schema
+            connect_args: dict[str, Any] = {"server_settings": settings}
             self.engine = create_async_engine(
                 parsed,
                 connect_args=connect_args,
