@@ -13,9 +13,11 @@ every send of the batch (the clients retry; sends are idempotent). If a batch fa
 other reason, its sends are retried one transaction each, so one send's database error
 never fails its neighbours.
 
-On PostgreSQL a batch of up to ``ONE_TRIP_MAX_SENDS`` sends whose rooms and senders this
-node knows is first tried in one call (:mod:`.onetrip`): it stores the batch if the node's
-predictions hold and stores nothing if not, and the batch then runs the usual way.
+On PostgreSQL a batch whose rooms and senders this node knows is first tried in one call
+(:mod:`.onetrip`): it stores the batch if the node's predictions hold and stores nothing if
+not, and the batch then runs the usual way. Batches of any size (up to ``max_batch``) take
+that call: the bound of four sends it once had hid a cached plan that scanned all of
+``events`` (``engine``: plan_cache_mode).
 
 Batches lock their rooms in room order, as every other multi-room writer does, so batches
 (on one node or several) cannot deadlock. A connection has one send in flight at a time, so
@@ -44,12 +46,6 @@ from .onetrip import NOT_TRIED, OneTrip
 log = logging.getLogger(__name__)
 
 _Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]", float]
-
-ONE_TRIP_MAX_SENDS = 4
-"""Larger batches (sends queueing: a busy node) run the usual way. Measured, not derived:
-in rooms of 50 on PostgreSQL, batches of any size in one trip cut the latency at 300
-sends/s (p50 15 ms against 24) but collapsed at 450 (p50 459 ms against 39), where the
-usual way holds; with this bound both hold (``docs/performance.md``, "Seventh round")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +153,7 @@ class GroupCommitter:
         started = clock()
         items = [kw for kw, _, _ in batch]
         trip = NOT_TRIED
-        if self._one_trip is not None and len(items) <= ONE_TRIP_MAX_SENDS:
+        if self._one_trip is not None:
             trip = await self._one_trip.run(items, clock)
         if trip.outcomes is not None:
             self._answer(batch, list(trip.outcomes))
