@@ -66,6 +66,15 @@ class Spec:
     hi: int
     choices: tuple[str, ...] | None
     item_max_len: int | None = None
+    # the shape of ``kind``, worked out once by build_specs (not per decoded field)
+    origin: Any = None
+    """``typing.get_origin(kind)``: tuple, dict or None."""
+    args: tuple[Any, ...] = ()
+    """``typing.get_args(kind)``."""
+    record: bool = False
+    """``kind`` is a :class:`Record` subclass."""
+    items: Spec | None = None
+    """The limits of each item inside a tuple or dict (``item_max_len``, ``lo``/``hi``)."""
 
 
 class Record:
@@ -73,6 +82,7 @@ class Record:
 
     __slots__ = ()
     SPECS: ClassVar[tuple[Spec, ...]] = ()
+    NAMES: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for spec in type(self).SPECS:
@@ -106,14 +116,13 @@ class Record:
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any], *, skip: frozenset[str] = frozenset()) -> Any:
-        known = {s.name for s in cls.SPECS}
-        unknown = set(data) - known - skip
+        unknown = set(data) - cls.NAMES - skip
         if unknown:
             raise InvalidField(f"unknown field {sorted(unknown)[0]!r}")
         kwargs: dict[str, Any] = {}
         for spec in cls.SPECS:
             if spec.name in data:
-                kwargs[spec.name] = _from_wire(spec.kind, data[spec.name], spec.name)
+                kwargs[spec.name] = _from_wire(spec, data[spec.name])
             elif spec.required:
                 raise InvalidField(f"missing field {spec.name!r}")
         try:
@@ -130,17 +139,23 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
-def _from_wire(kind: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(kind)
-    if isinstance(kind, type) and issubclass(kind, Record):
+def _from_wire(spec: Spec, value: Any) -> Any:
+    if spec.record:
         if not isinstance(value, dict):
-            raise InvalidField(f"{name}: expected a map")
-        return kind.from_wire(value)
-    if origin is tuple:
+            raise InvalidField(f"{spec.name}: expected a map")
+        return spec.kind.from_wire(value)
+    if spec.origin is tuple:
         if not isinstance(value, list):
-            raise InvalidField(f"{name}: expected an array")
-        item = typing.get_args(kind)[0]
-        return tuple(_from_wire(item, v, name) for v in value)
+            raise InvalidField(f"{spec.name}: expected an array")
+        item = spec.args[0]
+        if isinstance(item, type) and issubclass(item, Record):
+            out = []
+            for v in value:
+                if not isinstance(v, dict):
+                    raise InvalidField(f"{spec.name}: expected a map")
+                out.append(item.from_wire(v))
+            return tuple(out)
+        return tuple(value)
     return value
 
 
@@ -187,22 +202,22 @@ def check(spec: Spec, value: Any) -> None:
         if not spec.optional:
             raise InvalidField(f"{spec.name}: required")
         return
-    kind, origin = spec.kind, typing.get_origin(spec.kind)
+    kind, origin = spec.kind, spec.origin
     if origin is tuple:
-        item = typing.get_args(kind)[0]
+        item = spec.args[0]
         if not isinstance(value, tuple) or len(value) > _container_limit(spec, DEFAULT_ITEMS):
             raise InvalidField(f"{spec.name}: bad array")
         for v in value:
             _check_item(spec, item, v)
     elif origin is dict:
-        _, val_kind = typing.get_args(kind)
+        _, val_kind = spec.args
         if not isinstance(value, dict) or len(value) > _container_limit(spec, DEFAULT_ENTRIES):
             raise InvalidField(f"{spec.name}: bad map")
         for k, v in value.items():
             if not isinstance(k, str) or not 0 < len(k) <= DEFAULT_STR or not _utf8_ok(k):
                 raise InvalidField(f"{spec.name}: bad key")
             _check_scalar(_item_spec(spec), val_kind, v, spec.name)
-    elif isinstance(kind, type) and issubclass(kind, Record):
+    elif spec.record:
         if not isinstance(value, kind):
             raise InvalidField(f"{spec.name}: expected {kind.__name__}")
     else:
@@ -216,7 +231,11 @@ def _container_limit(spec: Spec, default: int) -> int:
 def _item_spec(spec: Spec) -> Spec:
     """Per-item limits inside containers: ``item_max_len`` (or the type default), ints keep
     lo/hi."""
-    return dataclasses.replace(spec, max_len=spec.item_max_len, min_len=0)
+    return spec.items if spec.items is not None else _items_of(spec)
+
+
+def _items_of(spec: Spec) -> Spec:
+    return dataclasses.replace(spec, max_len=spec.item_max_len, min_len=0, items=None)
 
 
 def _check_item(spec: Spec, item: Any, value: Any) -> None:
@@ -242,18 +261,21 @@ def build_specs(cls: type[Record]) -> tuple[Spec, ...]:
         has_default = (
             f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         )
-        specs.append(
-            Spec(
-                name=f.name,
-                kind=kind,
-                optional=optional,
-                required=not has_default,
-                max_len=meta.get("max_len"),
-                min_len=meta.get("min_len", 0),
-                lo=meta.get("lo", 0),
-                hi=meta.get("hi", INT_MAX),
-                choices=meta.get("choices"),
-                item_max_len=meta.get("item_max_len"),
-            )
+        spec = Spec(
+            name=f.name,
+            kind=kind,
+            optional=optional,
+            required=not has_default,
+            max_len=meta.get("max_len"),
+            min_len=meta.get("min_len", 0),
+            lo=meta.get("lo", 0),
+            hi=meta.get("hi", INT_MAX),
+            choices=meta.get("choices"),
+            item_max_len=meta.get("item_max_len"),
+            origin=typing.get_origin(kind),
+            args=typing.get_args(kind),
+            record=isinstance(kind, type) and issubclass(kind, Record),
         )
+        specs.append(dataclasses.replace(spec, items=_items_of(spec)))
+    cls.NAMES = frozenset(s.name for s in specs)
     return tuple(specs)
