@@ -354,8 +354,11 @@ class Delivery:
 
     def _process(self, hub: RoomHub, seq: int, kind: str, frame: bytes, eff: Effects) -> None:
         hub.processed = seq
+        delivered = 0
         for conn in tuple(hub.conns):
-            self._offer(conn, hub, seq, kind, frame)
+            delivered += self._offer(conn, hub, seq, kind, frame)
+        if delivered and self._on_delivered is not None:  # once per event, not per device
+            self._on_delivered(delivered)
         for user, role in {**eff.added, **eff.roles}.items():
             hub.members[user] = role
         for user in eff.removed:
@@ -374,21 +377,21 @@ class Delivery:
             del self.hubs[hub.room]
             self._spawn(self.broker.unsubscribe(ROOM_TOPIC + hub.room, self._on_room_message))
 
-    def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> None:
+    def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> bool:
+        """Queue the event for ``conn`` if it is next in line; True if it was queued."""
         if conn.closed or hub.room in conn.catching_up:
-            return
+            return False
         cursor = conn.cursors.get(hub.room)
         if cursor is None or seq <= cursor:
-            return
+            return False
         role = hub.members.get(conn.user)
         if seq == cursor + 1 and kind != "rekey":
             conn.cursors[hub.room] = seq
             if role is None or (role == "device" and kind not in RECEIVE_KINDS_FOR_DEVICE_ROLE):
-                return
-            if conn.enqueue(frame, event=(hub.room, seq)) and self._on_delivered is not None:
-                self._on_delivered(1)
-            return
+                return False
+            return conn.enqueue(frame, event=(hub.room, seq))
         self._spawn(self._catch_up(conn, hub))
+        return False
 
     async def _catch_up(self, conn: Connection, hub: RoomHub) -> None:
         """Feed ``conn`` from the store until its cursor reaches the hub. A failed read (the

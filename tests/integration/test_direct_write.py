@@ -4,6 +4,8 @@ websockets removes the fast path, this fails instead of the fan-out silently slo
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from medrelay_server.gateway.connection import Connection
 
@@ -80,3 +82,38 @@ async def test_send_store_time_is_exported(node: Harness) -> None:
     means = stage_means({}, read)
     assert means["sends"] == 1.0 and means.get("one_trip", 0.0) == one_trip / 3
     assert all(0 < means[k] < 10 for k in STAGES if k != "wait" and k in means)
+
+
+async def test_deliveries_are_counted_once_each(harness: Harness) -> None:
+    """``medrelay_deliveries_total`` counts each event queued to a device (the fan-out adds a
+    whole event's deliveries at once)."""
+    alice = await harness.client("alice")
+    bob = await harness.client("bob")
+    carol = await harness.client("carol")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await alice.add(room, "carol")
+    registry = harness.gateway.metrics.registry
+    queued: list[tuple[str, int]] = []
+    for conn in harness.gateway.registry.all():
+        enqueue = conn.enqueue
+
+        def counting(data: bytes, *, _enqueue: Any = enqueue, **kw: Any) -> bool:
+            ok: bool = _enqueue(data, **kw)
+            if ok and kw.get("event") is not None:
+                queued.append(kw["event"])
+            return ok
+
+        conn.enqueue = counting  # type: ignore[method-assign]
+    before = registry.get_sample_value("medrelay_deliveries_total") or 0.0
+    sent = [await alice.send_text(room, f"count {i}") for i in range(3)]
+    for client in (bob, carol):
+        got: list[int] = []
+        while len(got) < len(sent):
+            m = await client.next_message()
+            if m.kind == "message":
+                got.append(m.seq)
+        assert got == sent
+    after = registry.get_sample_value("medrelay_deliveries_total") or 0.0
+    assert sum(1 for _, seq in queued if seq in sent) >= 2 * len(sent)
+    assert after - before == len(queued)
