@@ -230,8 +230,9 @@ class ChainWriter:
             await conn.execute(sa.insert(t.audit), [audit_values(r) for r in records])
             return
         postgres = pg is not None or conn.dialect.name == "postgresql"
-        if (begun or pg is not None) and self._head is not None and postgres:
-            if await self._append_after_known_head(conn, list(records), *self._head, pg=pg):
+        base = self._planned or self._head
+        if (begun or pg is not None) and base is not None and postgres:
+            if await self._append_after_known_head(conn, list(records), *base, pg=pg):
                 return
         row = await (self._fenced_row(conn) if pg is None else self._fenced_row_pg(pg))
         entries = chain(
@@ -240,15 +241,21 @@ class ChainWriter:
         self._head = (entries[-1].idx, entries[-1].hash)
         self._planned = None  # a batch planned before this will not match: plan anew
         lease = max(row.lease_until, self._clock.now() + self._lease_seconds)
-        if postgres:  # the transaction has begun (the row lock)
+        if postgres:  # the transaction has begun (the row lock): rows and head in one
+            # statement, its head condition met by the locked row (a flush of the delivery
+            # journal is hundreds of rows: one insert each held every send for 30-60 ms)
             if pg is None:
                 pg = (await conn.get_raw_connection()).driver_connection
-            rows = [pg_audit_row(e) for e in entries]
+            condition = (
+                self.node, row.token, row.head_idx, bytes(row.head_hash),
+                entries[-1].idx, entries[-1].hash, lease,
+            )  # fmt: skip
             async with raw_errors():
-                await pg.executemany(_PG_INSERT_AUDIT, rows)
-                await pg.execute(
-                    _PG_ADVANCE_HEAD, self.node, entries[-1].idx, entries[-1].hash, lease
+                stored = await pg.fetchval(
+                    _PG_APPEND_KNOWN_HEAD, *condition, *pg_audit_columns(entries)
                 )
+            if stored != 1:  # the row is locked by this transaction: it cannot have moved
+                raise RuntimeError("journal head moved under its row lock")
             return
         await conn.execute(_INSERT_AUDIT, [_chained_values(e) for e in entries])
         head = {
@@ -336,16 +343,25 @@ class ChainWriter:
         if self.token is None:
             return False
         taken = self._plan_known_head(records, idx, head)
+        tail = (taken.entries[-1].idx, taken.entries[-1].hash)
+        # planned after the batch in flight, if any, and the next batch after this: a send
+        # batch and a delivery journal flush in flight together then chain one after the
+        # other instead of the later one missing its head and locking the row to read it
+        self._planned = tail
         if pg is None:
             pg = (await conn.get_raw_connection()).driver_connection
-        async with raw_errors():  # the head and the rows in one statement: the node row is
-            # locked from there to the commit only (the hashes were computed before)
-            stored = await pg.fetchval(
-                _PG_APPEND_KNOWN_HEAD, *taken.condition, *pg_audit_columns(taken.entries)
-            )
+        try:
+            async with raw_errors():  # the head and the rows in one statement: the node row
+                # is locked from there to the commit only (the hashes were computed before)
+                stored = await pg.fetchval(
+                    _PG_APPEND_KNOWN_HEAD, *taken.condition, *pg_audit_columns(taken.entries)
+                )
+        finally:
+            if self._planned == tail:
+                self._planned = None
         if stored != 1:
             return False
-        self._head = (taken.entries[-1].idx, taken.entries[-1].hash)
+        self._head = tail
         return True
 
     async def _fenced_row(self, conn: AsyncConnection) -> Any:
@@ -411,18 +427,12 @@ _ADVANCE_HEAD = (
     )
 )
 _INSERT_AUDIT = sa.insert(t.audit)
-# PostgreSQL: the same two statements straight to asyncpg (bench.store_ops)
+# PostgreSQL: the audit columns, one array each for unnest (pg_known_head_ctes)
 _PG_AUDIT_COLUMNS = (
     "ts", "action", "outcome", "user_id", "device_id", "room", "seq_from", "seq_to", "mid",
     "target", "source", "detail", "node", "idx", "lease", "prev_hash", "hash", "ts_end",
     "role", "institution", "address", "patient_tag",
 )  # fmt: skip
-_PG_INSERT_AUDIT = (
-    "INSERT INTO audit (ts, action, outcome, user_id, device_id, room, seq_from, seq_to, mid,"
-    " target, source, detail, node, idx, lease, prev_hash, hash, ts_end, role, institution,"
-    " address, patient_tag) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-    " $14, $15, $16, $17, $18, $19, $20, $21, $22)"
-)
 _AUDIT_TYPES = {
     "ts": "bigint", "seq_from": "bigint", "seq_to": "bigint", "idx": "bigint",
     "lease": "bigint", "ts_end": "bigint", "mid": "bytea", "prev_hash": "bytea",
@@ -436,22 +446,31 @@ def pg_known_head_ctes(first: int) -> str:
     rows, in order, only if ``h`` matched. Parameters from ``$first``: node, token, head
     idx, head hash, new idx, new hash, lease (``KnownHead.condition``), then one array per
     column of :data:`_PG_AUDIT_COLUMNS` (:func:`pg_audit_columns`). The caller selects
-    ``count(*) FROM h``: 1 if stored, 0 if not (and nothing was inserted)."""
+    ``count(*) FROM h WHERE ok``: 1 if stored, 0 if not (and nothing was inserted; the
+    node row stays locked by the transaction, as a locked read of it would)."""
     p = [f"${first + i}" for i in range(7)]
     columns = ", ".join(_PG_AUDIT_COLUMNS)
     arrays = ", ".join(
         f"${first + 7 + i}::{_AUDIT_TYPES.get(c, 'text')}[]"
         for i, c in enumerate(_PG_AUDIT_COLUMNS)
     )
+    # The row is matched by node alone, so the statement waits for a write of this node in
+    # flight (its own send batch or journal flush, planned before it) and then compares
+    # the head that write committed. With the head in the WHERE clause, READ COMMITTED
+    # compared the head before that write, did not wait, and missed.
+    match = f"token = {p[1]} AND head_idx = {p[2]} AND head_hash = {p[3]}"
     # built from this module's constants and parameter numbers only, never from input
     return (
-        f"h AS (UPDATE journal_nodes SET head_idx = {p[4]}, head_hash = {p[5]},"  # noqa: S608
-        f" lease_until = GREATEST(lease_until, {p[6]})"
-        f" WHERE node = {p[0]} AND token = {p[1]} AND head_idx = {p[2]}"
-        f" AND head_hash = {p[3]} RETURNING 1),"
+        f"h AS (UPDATE journal_nodes SET"  # noqa: S608
+        f" head_idx = CASE WHEN {match} THEN {p[4]} ELSE head_idx END,"
+        f" head_hash = CASE WHEN {match} THEN {p[5]} ELSE head_hash END,"
+        f" lease_until = CASE WHEN {match} THEN GREATEST(lease_until, {p[6]})"
+        " ELSE lease_until END"
+        f" WHERE node = {p[0]}"
+        f" RETURNING token = {p[1]} AND head_idx = {p[4]} AND head_hash = {p[5]} AS ok),"
         f" a AS (INSERT INTO audit ({columns}) SELECT {columns}"
         f" FROM unnest({arrays}) WITH ORDINALITY AS r({columns}, ord)"
-        " WHERE EXISTS (SELECT 1 FROM h) ORDER BY ord)"
+        " WHERE EXISTS (SELECT 1 FROM h WHERE ok) ORDER BY ord)"
     )
 
 
@@ -461,7 +480,7 @@ def pg_audit_columns(entries: Sequence[ChainEntry]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-_PG_APPEND_KNOWN_HEAD = "WITH " + pg_known_head_ctes(1) + " SELECT count(*) FROM h"  # noqa: S608
+_PG_APPEND_KNOWN_HEAD = "WITH " + pg_known_head_ctes(1) + " SELECT count(*) FROM h WHERE ok"  # noqa: S608
 _PG_LOCK_NODE = (
     "SELECT token, head_idx, head_hash, lease_until FROM journal_nodes WHERE node = $1 FOR UPDATE"
 )
@@ -473,11 +492,6 @@ class _NodeRow:
     head_idx: int
     head_hash: bytes
     lease_until: int
-
-
-_PG_ADVANCE_HEAD = (
-    "UPDATE journal_nodes SET head_idx = $2, head_hash = $3, lease_until = $4 WHERE node = $1"
-)
 
 
 def pg_audit_row(e: ChainEntry) -> tuple[Any, ...]:

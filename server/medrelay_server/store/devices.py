@@ -147,6 +147,21 @@ async def touch_device(conn: AsyncConnection, device_id: str, now: int) -> None:
     await conn.execute(sa.update(t.devices).where(d.device_id == device_id).values(last_seen=now))
 
 
+_TOUCH_SEEN = (
+    sa.update(t.devices)
+    .where(t.devices.c.device_id == sa.bindparam("b_device"))
+    .values(last_seen=sa.bindparam("b_ts"))
+)
+
+
+async def touch_devices_seen(conn: AsyncConnection, seen: Sequence[tuple[str, int]]) -> None:
+    """Many devices' last-seen times (device, ts) in one executemany, in device order
+    (a reconnecting ward's hundreds of devices were one round trip each)."""
+    if seen:
+        rows = [{"b_device": device, "b_ts": ts} for device, ts in sorted(seen)]
+        await conn.execute(_TOUCH_SEEN, rows)
+
+
 async def unseen_devices(conn: AsyncConnection, before: int, *, limit: int) -> list[DeviceRecord]:
     d = t.devices.c
     seen = sa.func.coalesce(d.last_seen, d.created_at)

@@ -100,7 +100,7 @@ _PG_WRITE_AUDIT = (
     _PG_WRITE_CTES  # noqa: S608
     + ", "
     + pg_known_head_ctes(12)
-    + " SELECT (SELECT c FROM n), (SELECT count(*) FROM h)"
+    + " SELECT (SELECT c FROM n), (SELECT count(*) FROM h WHERE ok)"
 )
 # the batch's room rows, locked in room order
 _PG_LOCK = (

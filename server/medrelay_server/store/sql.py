@@ -491,8 +491,7 @@ class SqlStore:
     ) -> None:
         async with self._db.write() as conn:
             await messages.record_receipts(conn, receipts)
-            for device, ts in sorted(seen):
-                await devices.touch_device(conn, device, ts)
+            await devices.touch_devices_seen(conn, seen)
             # once a statement has begun the transaction, the records can be chained after
             # the writer's remembered head in one statement (``ChainWriter.append``), which
             # holds the node row (and so every send's batch) for less time
