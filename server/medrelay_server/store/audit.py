@@ -213,11 +213,12 @@ class ChainWriter:
         pg: Any = None,
     ) -> None:
         """Chain ``records`` after the node's head. ``begun``: the transaction has already
-        run a statement (a group-commit batch), so on PostgreSQL the head this writer last
-        wrote can be advanced with one conditional ``UPDATE`` (node, fencing token and the
-        remembered head must all still match) instead of locking and reading the row first;
-        if it does not match (another transaction of this process rolled back, or the id
-        was taken over), the row is locked and read as usual. ``pg``: the transaction is
+        run a statement (a group-commit batch, or a journal flush's receipts), so on
+        PostgreSQL the records are chained after the head this writer last wrote or planned
+        (a batch in flight) and stored with the head in one statement, which waits for the
+        node row and advances it only if node, fencing token and that head match; if they
+        do not (a write planned before this one missed or rolled back, or the id was taken
+        over), the row is locked and read as usual. ``pg``: the transaction is
         asyncpg's own (``Database.batch_write``), so every statement goes to it and none
         through ``conn``."""
         if not records:
