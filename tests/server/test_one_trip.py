@@ -196,13 +196,9 @@ async def test_a_journal_write_between_batches_keeps_one_trip(env: Env) -> None:
     assert (await verify(store.database, [], b"")).ok
 
 
-async def test_a_journal_flush_during_a_call_chains_after_it(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A delivery journal flush that starts while a batch's call is in flight chains its
-    records after the batch's planned tail: it waits for the call's commit and then stores
-    in its one statement. (Planned after the stored head, it missed, locked the node row
-    and read it, holding every send behind it for the whole flush.)"""
+async def _chained_store(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[SqlStore, list[bool]]:
+    """A store that knows its room and head (one send), and a list that records each time
+    its writer locks and reads the node row instead of chaining after the head it knows."""
     store = await env.open()
     await new_room(store)
     await send(store, mid=b"a" * 16)
@@ -214,62 +210,73 @@ async def test_a_journal_flush_during_a_call_chains_after_it(
         return await locked_read(conn)
 
     monkeypatch.setattr(store.writer, "_fenced_row", counted)
+    return store, relocked
+
+
+async def _hold_next_index(env: Env) -> asyncpg.transaction.Transaction:
+    """An uncommitted audit row at the index the next chained write will take: that write
+    advances the head (locking the node row) and then waits in its insert until this
+    transaction ends."""
     head = await env.raw.fetchval("SELECT head_idx FROM journal_nodes WHERE node = 'node-1'")
-    # hold the next call after it advanced the head: an uncommitted audit row at the index
-    # its record will take makes its insert wait for this transaction
     blocker = env.raw.transaction()
     await blocker.start()
     await env.raw.execute(
         "INSERT INTO audit (ts, action, outcome, node, idx) VALUES (0, 'x', 'x', 'node-1', $1)",
         head + 1,
     )
+    return blocker
+
+
+def _flush(store: SqlStore) -> asyncio.Task[None]:
+    """A delivery journal flush: a receipt stored and journaled."""
+    record = AuditRecord("receipt", "ok", user="alice", room=ROOM, seq_to=2, ts=NOW)
+    return asyncio.create_task(store.journal([record], receipts=[(ROOM, "alice-1", 2, NOW)]))
+
+
+async def _last_actions(env: Env) -> list[str]:
+    rows = await env.raw.fetch("SELECT action FROM audit WHERE node = 'node-1' ORDER BY idx")
+    return [r["action"] for r in rows][-2:]
+
+
+async def test_a_journal_flush_during_a_call_chains_after_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery journal flush that starts while a batch's call is in flight chains its
+    records after the batch's planned tail: it waits for the call's commit and then stores
+    in its one statement. (Planned after the stored head, it missed, locked the node row
+    and read it, holding every send behind it for the whole flush.)"""
+    store, relocked = await _chained_store(env, monkeypatch)
+    blocker = await _hold_next_index(env)
     sending = asyncio.create_task(send(store, mid=b"b" * 16))
-    await waiting_on_a_lock("%medrelay_send_batch%")
-    flushing = asyncio.create_task(
-        store.journal(
-            [AuditRecord("receipt", "ok", user="alice", room=ROOM, seq_to=2, ts=NOW)],
-            receipts=[(ROOM, "alice-1", 2, NOW)],
-        )
-    )
+    await waiting_on_a_lock("%medrelay_send_batch%")  # its audit insert, behind the blocker
+    flushing = _flush(store)
     await waiting_on_a_lock("%UPDATE journal_nodes%")  # behind the call's row lock
     await blocker.rollback()
     await asyncio.wait_for(asyncio.gather(sending, flushing), 10)
     assert env.paths["node-1"] == ["full", "one_trip"]
     assert relocked == []
     assert (await verify(store.database, [], b"")).ok
-    actions = await env.raw.fetch("SELECT action FROM audit WHERE node = 'node-1' ORDER BY idx")
-    assert [a["action"] for a in actions][-2:] == ["send", "receipt"]
+    assert await _last_actions(env) == ["send", "receipt"]
 
 
-async def test_a_call_during_a_journal_flush_chains_after_it(env: Env) -> None:
+async def test_a_call_during_a_journal_flush_chains_after_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The other order: a batch planned while a journal flush is in flight waits in its
     call for the flush's commit and stores after it (migration 0008: the call locks the
     node row, then compares the head)."""
-    store = await env.open()
-    await new_room(store)
-    await send(store, mid=b"a" * 16)
-    head = await env.raw.fetchval("SELECT head_idx FROM journal_nodes WHERE node = 'node-1'")
-    blocker = env.raw.transaction()
-    await blocker.start()
-    await env.raw.execute(
-        "INSERT INTO audit (ts, action, outcome, node, idx) VALUES (0, 'x', 'x', 'node-1', $1)",
-        head + 1,
-    )
-    flushing = asyncio.create_task(
-        store.journal(
-            [AuditRecord("receipt", "ok", user="alice", room=ROOM, seq_to=2, ts=NOW)],
-            receipts=[(ROOM, "alice-1", 2, NOW)],
-        )
-    )
+    store, relocked = await _chained_store(env, monkeypatch)
+    blocker = await _hold_next_index(env)
+    flushing = _flush(store)
     await waiting_on_a_lock("%UPDATE journal_nodes%")  # its audit insert, behind the blocker
     sending = asyncio.create_task(send(store, mid=b"b" * 16))
     await waiting_on_a_lock("%medrelay_send_batch%")  # behind the flush's row lock
     await blocker.rollback()
     await asyncio.wait_for(asyncio.gather(sending, flushing), 10)
     assert env.paths["node-1"] == ["full", "one_trip"]
+    assert relocked == []
     assert (await verify(store.database, [], b"")).ok
-    actions = await env.raw.fetch("SELECT action FROM audit WHERE node = 'node-1' ORDER BY idx")
-    assert [a["action"] for a in actions][-2:] == ["receipt", "send"]
+    assert await _last_actions(env) == ["receipt", "send"]
 
 
 async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> None:
