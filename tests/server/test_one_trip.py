@@ -238,45 +238,34 @@ async def _last_actions(env: Env) -> list[str]:
     return [r["action"] for r in rows][-2:]
 
 
-async def test_a_journal_flush_during_a_call_chains_after_it(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("first", ["send", "receipt"], ids=["call_first", "flush_first"])
+async def test_a_call_and_a_journal_flush_in_flight_chain_one_after_the_other(
+    env: Env, monkeypatch: pytest.MonkeyPatch, first: str
 ) -> None:
-    """A delivery journal flush that starts while a batch's call is in flight chains its
-    records after the batch's planned tail: it waits for the call's commit and then stores
-    in its one statement. (Planned after the stored head, it missed, locked the node row
-    and read it, holding every send behind it for the whole flush.)"""
+    """A batch's call and a delivery journal flush in flight together: the later one
+    (planned after the earlier one's tail) waits for the earlier one's commit on the node
+    row and then stores after it, in one trip or one statement. (Before: the flush compared
+    the stored head, missed, and locked and read the row, holding every send behind it for
+    the whole flush; a call planned during a flush missed and ran the usual way. Migration
+    0008: the call locks the node row, then compares the head.)"""
     store, relocked = await _chained_store(env, monkeypatch)
-    blocker = await _hold_next_index(env)
-    sending = asyncio.create_task(send(store, mid=b"b" * 16))
-    await waiting_on_a_lock("%medrelay_send_batch%")  # its audit insert, behind the blocker
-    flushing = _flush(store)
-    await waiting_on_a_lock("%UPDATE journal_nodes%")  # behind the call's row lock
+    blocker = await _hold_next_index(env)  # the first writer waits in its audit insert
+    writers: dict[str, tuple[Any, str]] = {
+        "send": (lambda: asyncio.create_task(send(store, mid=b"b" * 16)), "%medrelay_send_batch%"),
+        "receipt": (lambda: _flush(store), "%UPDATE journal_nodes%"),
+    }
+    second = "receipt" if first == "send" else "send"
+    tasks = []
+    for name in (first, second):  # the second waits on the first's row lock
+        start, statement = writers[name]
+        tasks.append(start())
+        await waiting_on_a_lock(statement)
     await blocker.rollback()
-    await asyncio.wait_for(asyncio.gather(sending, flushing), 10)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert env.paths["node-1"] == ["full", "one_trip"]
     assert relocked == []
     assert (await verify(store.database, [], b"")).ok
-    assert await _last_actions(env) == ["send", "receipt"]
-
-
-async def test_a_call_during_a_journal_flush_chains_after_it(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The other order: a batch planned while a journal flush is in flight waits in its
-    call for the flush's commit and stores after it (migration 0008: the call locks the
-    node row, then compares the head)."""
-    store, relocked = await _chained_store(env, monkeypatch)
-    blocker = await _hold_next_index(env)
-    flushing = _flush(store)
-    await waiting_on_a_lock("%UPDATE journal_nodes%")  # its audit insert, behind the blocker
-    sending = asyncio.create_task(send(store, mid=b"b" * 16))
-    await waiting_on_a_lock("%medrelay_send_batch%")  # behind the flush's row lock
-    await blocker.rollback()
-    await asyncio.wait_for(asyncio.gather(sending, flushing), 10)
-    assert env.paths["node-1"] == ["full", "one_trip"]
-    assert relocked == []
-    assert (await verify(store.database, [], b"")).ok
-    assert await _last_actions(env) == ["receipt", "send"]
+    assert await _last_actions(env) == [first, second]
 
 
 async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> None:
