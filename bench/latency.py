@@ -1,15 +1,19 @@
 """Send-to-deliver latency at fixed send rates, and where each send's store time went.
 
     python -m bench.latency [--database postgres] [--room-size 10] [--rates 5 20 600]
+        [--rooms 30] [--receipt-interval 1.0]
 
-One medrelay node and the bare relay, each with the same rooms (three of 10 and one of 50),
-get the same schedule: one window per rate (sends/s into the rooms of the chosen size; each
-send is ten or fifty deliveries). Per
-window: p50 / p99 / p99.9 send-to-deliver for both, and medrelay's store stages from its
-``/metrics`` (a send's mean wait for a group-commit batch, then the batch's begin, read,
-write and commit; ``docs/operations.md`` section 8). The main bench measures latency at half
+One medrelay node and the bare relay, each with the same rooms (three of 10 and one of 50,
+or ``--rooms`` of the chosen size), get the same schedule: one window per rate (sends/s into
+the rooms of the chosen size; each send is ten or fifty deliveries). Per window: p50 / p99
+/ p99.9 send-to-deliver for both, and medrelay's store stages from its ``/metrics`` (a
+send's mean wait for a group-commit batch, then the batch's begin, read, write and commit;
+``docs/operations.md`` section 8). The main bench measures latency at half
 of each system's own maximum; this one compares them at the same load, from an idle node
-upwards, so a floor (what one send costs alone) shows apart from queueing.
+upwards, so a floor (what one send costs alone) shows apart from queueing. Receipts are off
+unless ``--receipt-interval`` gives each receiving device's seconds between cumulative
+receipts, as the consult scenario sends them (the bare relay has none): the delivery
+journal then stores receipts in its flushes too.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ def _ms(w: Window) -> str:
     return " / ".join(f"{w.p(q) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
 
 
-def _run(system: System, rooms: str, rates: list[float], seconds: float) -> list[Window]:
+def _run(
+    system: System, rooms: str, rates: list[float], seconds: float, receipts: float
+) -> list[Window]:
     try:
         system.bring_up()
         for worker in system.workers:
-            worker.call("set_receipts", interval=0.0)
+            worker.call("set_receipts", interval=receipts if system.kind == "medrelay" else 0.0)
         system.settle()  # until the connect's catch-up is over (the server idle)
         # unreported: a node's first sends after its start run on cold database sessions
         window(system, rooms, rates[0], min(seconds, 3.0))
@@ -53,6 +59,15 @@ def main() -> None:
         "--rates", nargs="+", type=float, help="sends/s (default: 5 20 600; rooms of 50: 5 20 350)"
     )
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--rooms", type=int, help="rooms of the chosen size (default: 3 of 10, 1 of 50)"
+    )
+    parser.add_argument(
+        "--receipt-interval",
+        type=float,
+        default=0.0,
+        help="seconds between a receiving device's cumulative receipts per room (0: none)",
+    )
     args = parser.parse_args()
     raise_nofile()
     rooms = f"consult{args.room_size}"
@@ -61,23 +76,29 @@ def main() -> None:
         parser.error("PostgreSQL is not available on 127.0.0.1:5432")
     workdir = Path(tempfile.mkdtemp(prefix="medrelay-latency-"))
     sizes = Sizes(3, 1, 0, 0, 0, 0)
+    if args.rooms is not None:
+        sizes = (
+            Sizes(args.rooms, 1, 0, 0, 0, 0)
+            if args.room_size == 10
+            else Sizes(3, args.rooms, 0, 0, 0, 0)
+        )
     name = "PostgreSQL" if args.database == "postgres" else "SQLite"
     try:
         bare = System(
             "bare relay", "baseline", build(sizes, medrelay=False, extra=False), workdir, workers=2
         )
-        b = _run(bare, rooms, rates, args.seconds)
+        b = _run(bare, rooms, rates, args.seconds, 0.0)
         label = f"medrelay ({name})"
         medrelay = System(
             label, "medrelay", build(sizes, medrelay=True, extra=False), workdir, workers=2,
             database=args.database,
         )  # fmt: skip
-        m = _run(medrelay, rooms, rates, args.seconds)
+        m = _run(medrelay, rooms, rates, args.seconds, args.receipt_interval)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"rooms of {args.room_size}, send-to-deliver p50 / p99 / p99.9 ms; "
-        f"{args.seconds:.0f} s windows"
+        f"{args.seconds:.0f} s windows; medrelay receipts every {args.receipt_interval:g} s"
     )
     print(f"{'sends/s':>8}  {label:>24}  {'bare relay':>22}")
     for rate, mw, bw in zip(rates, m, b, strict=True):
