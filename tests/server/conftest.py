@@ -19,6 +19,7 @@ from medrelay_server.journal.anchoring import AnchorService
 from medrelay_server.journal.signer import FileKeySigner
 from medrelay_server.journal.verify import Report, verify
 from medrelay_server.journal.witness import FileWitness
+from medrelay_server.store.audit import write_audit
 from medrelay_server.store.base import AuditRecord
 from medrelay_server.store.sql import SqlStore
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -113,11 +114,13 @@ class JournalEnv:
         return await verify(self.one.database, self.witness.anchors(), self.signer.public_key())
 
     async def records(self, store: SqlStore, n: int, action: str = "history_read") -> None:
+        """``n`` records on the node's own stream, one transaction each (as the server's
+        own writes chain them; the delivery journal has a stream of its own)."""
         for _ in range(n):
             self.clock.advance(1)
-            await store.journal(
-                [AuditRecord(action, "success", user="alice", room="r", ts=self.clock.now())]
-            )
+            record = AuditRecord(action, "success", user="alice", room="r", ts=self.clock.now())
+            async with store.database.write() as conn:
+                await write_audit(conn, store.writer, [record])
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert audit("verify", *d) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "1 chains, 4 records, 1 witnessed anchors" in out
+    assert "OK" in out and "2 chains, 4 records, 1 witnessed anchors" in out
 
     assert audit("who-saw", "r", "ab" * 16, "--json", *d) == 0
     [line] = capsys.readouterr().out.splitlines()
@@ -80,7 +80,11 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert audit("trail", "--user", "bob", "--since", "2027-01-15T08:00:03Z", "--json", *d) == 0
     [receipt] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert (receipt["action"], receipt["node"], receipt["idx"]) == ("receipt", "node-1", 4)
+    assert (receipt["action"], receipt["node"], receipt["idx"]) == (
+        "receipt",
+        "node-1/deliveries",
+        4,
+    )
 
     out_file = tmp_path / "export.json"
     assert audit("export", "--format", "fhir", "--room", "r", "--output", str(out_file), *d) == 0
@@ -100,4 +104,4 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert audit("verify", *d) == 1
     out = capsys.readouterr().out
-    assert "FIRST BAD RECORD: EDITED: node-1#2" in out
+    assert "FIRST BAD RECORD: EDITED: node-1/deliveries#2" in out

@@ -97,7 +97,12 @@ async def test_journal_cut_at_a_witnessed_anchor(journal_env: JournalEnv) -> Non
     async with env.one.database.read() as conn:
         nodes = {n.node: (n.base_idx, n.head_idx) for n in await rows.nodes(conn)}
         kept = [e.idx async for e in rows.entries(conn, "node-1")]
-    assert nodes == {"node-1": (5, 9), "node-2": (3, 3)}  # #9: the journal_cut record
+    assert nodes == {  # #9: the journal_cut record; the delivery streams are empty
+        "node-1": (5, 9),
+        "node-2": (3, 3),
+        "node-1/deliveries": (0, 0),
+        "node-2/deliveries": (0, 0),
+    }
     assert kept == [6, 7, 8, 9]
     verified = await env.verify()
     assert verified.ok, verified.problems

@@ -45,9 +45,10 @@ async def test_signer_and_witness_refuse_a_rewritten_log(journal_env: JournalEnv
     await journal_env.records(journal_env.one, 2)
     second = await journal_env.anchors.anchor_now()
     assert first is not None and second is not None
-    assert (second.anchor_no, second.prev_size, second.tree_size) == (2, 2, 4)
+    # four streams' heads in each anchor: node-1, node-2 and their delivery journals
+    assert (second.anchor_no, second.prev_size, second.tree_size) == (2, 4, 8)
     assert second.consistency  # an RFC 9162 proof from #1's tree
-    merkle.verify_consistency(2, 4, first.root, second.root, second.consistency)
+    merkle.verify_consistency(4, 8, first.root, second.root, second.consistency)
 
     # the same anchor again is fine (a retry after a crash), for signer and witness
     await journal_env.signer.sign(second)
@@ -56,7 +57,7 @@ async def test_signer_and_witness_refuse_a_rewritten_log(journal_env: JournalEnv
 
     forged_head = dataclasses.replace(second.heads[0], head_hash=b"\x00" * 32)
     rewritten = dataclasses.replace(second, anchor_no=3, heads=(forged_head, *second.heads[1:]))
-    rewritten = dataclasses.replace(rewritten, prev_size=4, prev_root=second.root, tree_size=6)
+    rewritten = dataclasses.replace(rewritten, prev_size=8, prev_root=second.root, tree_size=12)
     with pytest.raises(AnchorRejected):
         await journal_env.signer.sign(rewritten)
     skipped = dataclasses.replace(second, anchor_no=5)
@@ -77,7 +78,7 @@ async def test_inclusion_proof_of_a_witnessed_head(journal_env: JournalEnv) -> N
     leaves = [leaf_hash(a.anchor_no, h) for a in witnessed for h in a.heads]
     last = witnessed[-1]
     assert merkle.root(leaves) == last.root
-    index = 1  # node-2's head in anchor 1
+    index = 2  # node-2's head in anchor 1 (after node-1 and node-1/deliveries)
     proof = merkle.inclusion_proof(index, len(leaves), merkle.leaves_mth(leaves))
     merkle.verify_inclusion(index, last.tree_size, leaves[index], proof, last.root)
 
@@ -200,7 +201,7 @@ async def test_syslog_witness_over_tls(journal_env: JournalEnv, tmp_path: Path) 
         header, _, body = message.partition(b" - anchor ")
         assert header.startswith(b"<110>1 ") and header.endswith(b" gw-1 medrelay")
         sd, _, payload = body.partition(b"] ")
-        assert sd == b'[medrelay@32473 anchor="1" size="2" root="%s"' % anchor.root.hex().encode()
+        assert sd == b'[medrelay@32473 anchor="1" size="4" root="%s"' % anchor.root.hex().encode()
         assert Anchor.from_json(payload.decode()) == anchor
 
         untrusted = SyslogWitness("127.0.0.1", port)  # system CAs: the self-signed cert fails

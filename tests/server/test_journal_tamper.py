@@ -51,7 +51,8 @@ async def test_untouched_journal_verifies(journal_env: JournalEnv) -> None:
     await _workload(journal_env)
     report = await journal_env.verify()
     assert report.ok, report.problems
-    assert (report.nodes, report.records, report.anchors, report.unwitnessed) == (2, 20, 2, 3)
+    # two nodes, each with its delivery journal's stream (empty here)
+    assert (report.nodes, report.records, report.anchors, report.unwitnessed) == (4, 20, 2, 3)
     assert len(journal_env.witness.anchors()) == 2
     again = await journal_env.anchors.anchor_now()  # heads moved: a third anchor
     assert again is not None and again.anchor_no == 3
@@ -223,7 +224,8 @@ async def test_forged_witness_line(journal_env: JournalEnv) -> None:
     await _workload(journal_env)
     path = journal_env.witness.path
     lines = path.read_text().splitlines()
-    path.write_text(lines[0] + "\n" + lines[1].replace('"size":4', '"size":5') + "\n")
+    # anchor 2's tree: 8 leaves (4 streams' heads at each anchor)
+    path.write_text(lines[0] + "\n" + lines[1].replace('"size":8', '"size":9') + "\n")
     report = await journal_env.verify()
     assert report.problems[0].kind == "WITNESS" and report.anchors == 1
 

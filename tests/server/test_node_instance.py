@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import pytest
 from medrelay_server.journal.verify import verify
 from medrelay_server.nodeinstance import NodeInstance, NodeInUse
-from medrelay_server.store.base import NodeFenced, NodeLeaseHeld
+from medrelay_server.store.base import AuditRecord, NodeFenced, NodeLeaseHeld
 
-from .test_store_contract import new_room, send
+from .test_store_contract import NOW, new_room, send
 
 if TYPE_CHECKING:
     from .conftest import StoreBackend
@@ -68,8 +68,13 @@ async def test_restart_after_a_crash_takes_the_lease_over(
     claim = NodeInstance.claim(tmp_path, "node-1")
     restarted = await store_backend.open("node-1", instance_holder=claim.holder)
     assert restarted.writer.token == (crashed.writer.token or 0) + 1
+    # the delivery journal's stream is taken over with it
+    assert restarted.delivery_writer.token == (crashed.delivery_writer.token or 0) + 1
     await send(restarted, mid=b"%016d" % 2)
+    await restarted.journal([AuditRecord("deliver", "success", user="alice", ts=NOW)])
     with pytest.raises(NodeFenced):  # had the old process survived, it would be fenced
         await send(crashed, mid=b"%016d" % 3)
+    with pytest.raises(NodeFenced):
+        await crashed.journal([AuditRecord("deliver", "success", user="alice", ts=NOW)])
     assert (await verify(restarted.database, [], b"")).ok
     claim.close()

@@ -185,14 +185,15 @@ async def test_a_node_taken_over_stores_nothing(env: Env) -> None:
 
 
 async def test_a_journal_write_between_batches_keeps_one_trip(env: Env) -> None:
-    """The node's own journal writes move the head the writer remembers, so the next batch
-    still takes one trip."""
+    """The delivery journal writes a stream of its own, so a flush between two batches
+    leaves the head the node's writer remembers, and the next batch still takes one trip."""
     store = await env.open()
     await new_room(store)
     await send(store, mid=b"a" * 16)
     await store.journal([AuditRecord("signin", "ok", user="alice", ts=NOW)])
     await send(store, mid=b"b" * 16)
     assert env.paths["node-1"] == ["full", "one_trip"]
+    assert await _actions(env, "node-1/deliveries") == ["signin"]
     assert (await verify(store.database, [], b"")).ok
 
 
@@ -213,15 +214,16 @@ async def _chained_store(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[Sql
     return store, relocked
 
 
-async def _hold_next_index(env: Env) -> asyncpg.transaction.Transaction:
-    """An uncommitted audit row at the index the next chained write will take: that write
-    advances the head (locking the node row) and then waits in its insert until this
+async def _hold_next_index(env: Env, node: str) -> asyncpg.transaction.Transaction:
+    """An uncommitted audit row at the index the next chained write of ``node``'s stream
+    will take: that write locks the stream's row and then waits in its insert until this
     transaction ends."""
-    head = await env.raw.fetchval("SELECT head_idx FROM journal_nodes WHERE node = 'node-1'")
+    head = await env.raw.fetchval("SELECT head_idx FROM journal_nodes WHERE node = $1", node)
     blocker = env.raw.transaction()
     await blocker.start()
     await env.raw.execute(
-        "INSERT INTO audit (ts, action, outcome, node, idx) VALUES (0, 'x', 'x', 'node-1', $1)",
+        "INSERT INTO audit (ts, action, outcome, node, idx) VALUES (0, 'x', 'x', $1, $2)",
+        node,
         head + 1,
     )
     return blocker
@@ -233,39 +235,30 @@ def _flush(store: SqlStore) -> asyncio.Task[None]:
     return asyncio.create_task(store.journal([record], receipts=[(ROOM, "alice-1", 2, NOW)]))
 
 
-async def _last_actions(env: Env) -> list[str]:
-    rows = await env.raw.fetch("SELECT action FROM audit WHERE node = 'node-1' ORDER BY idx")
-    return [r["action"] for r in rows][-2:]
+async def _actions(env: Env, node: str) -> list[str]:
+    rows = await env.raw.fetch("SELECT action FROM audit WHERE node = $1 ORDER BY idx", node)
+    return [r["action"] for r in rows]
 
 
-@pytest.mark.parametrize("first", ["send", "receipt"], ids=["call_first", "flush_first"])
-async def test_a_call_and_a_journal_flush_in_flight_chain_one_after_the_other(
-    env: Env, monkeypatch: pytest.MonkeyPatch, first: str
+async def test_a_journal_flush_in_flight_does_not_hold_a_send(
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch's call and a delivery journal flush in flight together: the later one
-    (planned after the earlier one's tail) waits for the earlier one's commit on the node
-    row and then stores after it, in one trip or one statement. (Before: the flush compared
-    the stored head, missed, and locked and read the row, holding every send behind it for
-    the whole flush; a call planned during a flush missed and ran the usual way. Migration
-    0008: the call locks the node row, then compares the head.)"""
+    """A delivery journal flush holds its own stream's row until it commits; a send batch
+    meanwhile takes one trip on the node's row and is acknowledged. (Before, both chained
+    on the node's row: every send waited behind the flush's hundreds of records, which
+    was the tail of the consult scenario's latency.)"""
     store, relocked = await _chained_store(env, monkeypatch)
-    blocker = await _hold_next_index(env)  # the first writer waits in its audit insert
-    writers: dict[str, tuple[Any, str]] = {
-        "send": (lambda: asyncio.create_task(send(store, mid=b"b" * 16)), "%medrelay_send_batch%"),
-        "receipt": (lambda: _flush(store), "%UPDATE journal_nodes%"),
-    }
-    second = "receipt" if first == "send" else "send"
-    tasks = []
-    for name in (first, second):  # the second waits on the first's row lock
-        start, statement = writers[name]
-        tasks.append(start())
-        await waiting_on_a_lock(statement)
+    blocker = await _hold_next_index(env, "node-1/deliveries")
+    flushing = _flush(store)
+    await waiting_on_a_lock("%UPDATE journal_nodes%")  # the flush, in its insert
+    sent = await asyncio.wait_for(send(store, mid=b"b" * 16), 10)
+    assert sent.event.seq == 4 and not flushing.done()
+    assert env.paths["node-1"] == ["full", "one_trip"] and relocked == []
     await blocker.rollback()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
-    assert env.paths["node-1"] == ["full", "one_trip"]
-    assert relocked == []
+    await asyncio.wait_for(flushing, 10)
+    assert (await _actions(env, "node-1"))[-2:] == ["send", "send"]
+    assert await _actions(env, "node-1/deliveries") == ["receipt"]
     assert (await verify(store.database, [], b"")).ok
-    assert await _last_actions(env) == [first, second]
 
 
 async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> None:

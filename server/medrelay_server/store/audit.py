@@ -38,6 +38,16 @@ from .base import AuditRecord, JournalReadOnly, NodeFenced, NodeLeaseHeld
 from .engine import raw_errors
 
 DEFAULT_LEASE_SECONDS = 60
+DELIVERY_STREAM_SUFFIX = "/deliveries"
+
+
+def delivery_stream(node: str) -> str:
+    """The writer stream of ``node``'s delivery journal (``SqlStore.journal``): its own
+    chain and registry row, so a flush of hundreds of delivery and receipt records never
+    holds the row that every send batch of the node advances."""
+    return node + DELIVERY_STREAM_SUFFIX
+
+
 _RECORD_COLUMNS = {
     "user_id": "user",
     "device_id": "device",

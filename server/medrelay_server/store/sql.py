@@ -33,7 +33,13 @@ from ..clock import Clock, SystemClock
 from ..settings import DEFAULT_POOL_SIZE
 from . import blobs, devices, enrolment, messages, rooms
 from . import schema as t
-from .audit import DEFAULT_LEASE_SECONDS, ChainWriter, read_audit, write_audit
+from .audit import (
+    DEFAULT_LEASE_SECONDS,
+    ChainWriter,
+    delivery_stream,
+    read_audit,
+    write_audit,
+)
 from .base import (
     AppendResult,
     ApprovalRecord,
@@ -78,11 +84,13 @@ class SqlStore:
       ``device_list_version``.
 
 
-    The journal (``docs/audit.md``): ``node_id`` names this process's writer stream; every
-    audit record is chained onto it inside the transaction that writes it, under a lease
-    taken at ``open()`` (``NodeLeaseHeld`` if another live process holds the id) and fenced
-    by its token (``NodeFenced`` once another process took the id over). ``node_id=None``
-    opens a read-only store for the audit CLI (journal writes raise ``JournalReadOnly``).
+    The journal (``docs/audit.md``): ``node_id`` names this process's writer stream, and
+    ``<node_id>/deliveries`` the stream of its delivery journal (``journal()``); every
+    audit record is chained onto one of them inside the transaction that writes it, under
+    a lease taken at ``open()`` (``NodeLeaseHeld`` if another live process holds the id)
+    and fenced by its token (``NodeFenced`` once another process took the id over).
+    ``node_id=None`` opens a read-only store for the audit CLI (journal writes raise
+    ``JournalReadOnly``).
     ``journal=False`` writes unchained records: **for the throughput bench only**, never in
     a server. ``clock`` times the lease (Unix seconds). ``group_commit`` (default on) runs
     concurrent ``append_message`` calls in shared transactions (:mod:`.group`), one batch at
@@ -109,13 +117,24 @@ class SqlStore:
         one_trip_sends: bool = True,
     ) -> None:
         self._db = Database(url, schema=schema, pool_size=pool_size)
+        clock = clock or SystemClock()
         self.writer = ChainWriter(
             node_id,
-            clock=clock or SystemClock(),
+            clock=clock,
             lease_seconds=lease_seconds,
             enabled=journal,
             instance_holder=instance_holder,
         )
+        self.delivery_writer = ChainWriter(
+            None if node_id is None else delivery_stream(node_id),
+            clock=clock,
+            lease_seconds=lease_seconds,
+            enabled=journal,
+            instance_holder=instance_holder,
+        )
+        """The stream ``journal()`` writes: the delivery journal's flushes (deliveries,
+        receipts, sign-ins) chain apart from the node's sends and commits, so a flush
+        never holds a send batch behind the node row."""
         one_trip = None
         if one_trip_sends and journal and not self._db.is_sqlite:
             one_trip = OneTrip(self._db, self.writer)
@@ -142,6 +161,7 @@ class SqlStore:
         await self._db.migrate()
         async with self._db.write() as conn:
             await self.writer.acquire(conn)
+            await self.delivery_writer.acquire(conn)
 
     async def generation(self) -> str:
         """The stream generation: the database's random id, plus PostgreSQL's timeline when
@@ -198,6 +218,7 @@ class SqlStore:
         try:
             async with self._db.write() as conn:
                 await self.writer.release(conn)
+                await self.delivery_writer.release(conn)
         except Exception:  # noqa: S110 - the lease then simply expires
             pass
         await self._db.dispose()
@@ -207,6 +228,7 @@ class SqlStore:
         writes extend it too). Raises ``NodeFenced`` once another process holds the id."""
         async with self._db.write() as conn:
             await self.writer.renew(conn)
+            await self.delivery_writer.renew(conn)
 
     async def ping(self) -> None:
         async with self._db.read() as conn:
@@ -492,11 +514,11 @@ class SqlStore:
         async with self._db.write() as conn:
             await messages.record_receipts(conn, receipts)
             await devices.touch_devices_seen(conn, seen)
-            # once a statement has begun the transaction, the records can be chained after
-            # the writer's remembered head in one statement (``ChainWriter.append``), which
-            # holds the node row (and so every send's batch) for less time
+            # the delivery stream's own row, never the one send batches advance; once a
+            # statement has begun the transaction, the records are chained after the
+            # writer's remembered head in one statement (``ChainWriter.append``)
             begun = bool(receipts or seen)
-            await write_audit(conn, self.writer, records, begun=begun)
+            await write_audit(conn, self.delivery_writer, records, begun=begun)
 
     async def audit_records(self, *, room: str | None = None) -> list[AuditRecord]:
         async with self._db.read() as conn:
