@@ -8,7 +8,8 @@ or ``--rooms`` of the chosen size), get the same schedule: one window per rate (
 the rooms of the chosen size; each send is ten or fifty deliveries). Per window: p50 / p99
 / p99.9 send-to-deliver for both, and medrelay's store stages from its ``/metrics`` (a
 send's mean wait for a group-commit batch, then the batch's begin, read, write and commit;
-``docs/operations.md`` section 8). The main bench measures latency at half
+``docs/operations.md`` section 8), where the machine's cores went, and the database's
+sessions sampled every 10 ms (how many waited on a lock). The main bench measures latency at half
 of each system's own maximum; this one compares them at the same load, from an idle node
 upwards, so a floor (what one send costs alone) shows apart from queueing. Receipts are off
 unless ``--receipt-interval`` gives each receiving device's seconds between cumulative
@@ -91,7 +92,7 @@ def main() -> None:
         label = f"medrelay ({name})"
         medrelay = System(
             label, "medrelay", build(sizes, medrelay=True, extra=False), workdir, workers=2,
-            database=args.database,
+            database=args.database, breakdown=True, activity_interval=0.01,
         )  # fmt: skip
         m = _run(medrelay, rooms, rates, args.seconds, args.receipt_interval)
     finally:
@@ -105,6 +106,9 @@ def main() -> None:
         print(f"{rate:8.0f}  {_ms(mw):>24}  {_ms(bw):>22}")
         if mw.store_stages:
             print(f"{'':8}  {describe_stages(mw.store_stages)}")
+        for line in mw.describe().splitlines()[1:]:  # cores busy, database sessions
+            if not line.strip().startswith("send store"):
+                print(f"{'':8}  {line.strip()}")
         if not (mw.complete and bw.complete):
             print(f"{'':8}  (not every message delivered: medrelay {mw.describe()})")
 

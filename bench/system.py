@@ -48,11 +48,13 @@ class System:
         nodes: int = 1,
         broker_url: str | None = None,
         breakdown: bool = False,
+        activity_interval: float = 0.05,
     ) -> None:
         self.label, self.kind, self.topo, self.database = label, kind, topo, database
         self.workdir = workdir
         self.nodes, self.broker_url = nodes, broker_url
         self.breakdown = breakdown  # record where the machine's CPU goes in each window
+        self.activity_interval = activity_interval  # and sample the database's sessions
         self.ports = [free_port() for _ in range(nodes)]
         self.port = self.ports[0]
         self.servers: list[Server] = []
@@ -257,7 +259,9 @@ class System:
         elif self.breakdown and self.pg_name is not None:
             # the coordinator is idle while the window runs: watch the database's sessions
             until = start_at + duration
-            self.last_activity = asyncio.run(db.sample_activity(self.pg_name, start_at, until))
+            self.last_activity = asyncio.run(
+                db.sample_activity(self.pg_name, start_at, until, self.activity_interval)
+            )
         results = [worker.recv(i) for worker, i in zip(self.workers, ids, strict=True)]
         cpu1 = self.cpu()
         win = join(results, self.topo.receivers)
