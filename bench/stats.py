@@ -48,6 +48,9 @@ class Window:
     # seconds): "wait" for a batch, the batch's "begin", "read", "write", "commit"; and
     # "sends" per batch (``parse_send_stages``; medrelay only)
     store_stages: dict[str, float] = field(default_factory=dict)
+    # the primary node's garbage collections over the window: generation -> (collections,
+    # total pause in seconds) (``gc_pauses``; medrelay only)
+    gc: dict[int, tuple[int, float]] = field(default_factory=dict)
     errors: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, sorted
     first_third_p50: float = math.nan  # median latency of the sends in the first third
@@ -108,6 +111,9 @@ class Window:
             )
         if self.store_stages:
             text += "\n      " + describe_stages(self.store_stages)
+        if self.gc:
+            parts = ", ".join(f"gen{g} {n} ({t * 1e3:.1f} ms)" for g, (n, t) in self.gc.items())
+            text += f"\n      garbage collections (total pause): {parts}"
         a = self.pg_activity
         if a.get("samples"):
             text += (
@@ -167,6 +173,34 @@ def stage_means(
         if count > count0:
             means[key] = (total - total0) / (count - count0)
     return means
+
+
+def parse_gc_pauses(text: str) -> dict[int, tuple[float, float]]:
+    """From a node's ``/metrics``: (total pause in seconds, collections) of the garbage
+    collector, by generation (``medrelay_gc_pause_seconds``, ``heap.py``)."""
+    out: dict[int, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "medrelay_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            generation = int(sample.labels.get("generation", "-1"))
+            total, count = out.get(generation, (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                out[generation] = (sample.value, count)
+            elif sample.name.endswith("_count"):
+                out[generation] = (total, sample.value)
+    return out
+
+
+def gc_pauses(
+    before: Mapping[int, tuple[float, float]], after: Mapping[int, tuple[float, float]]
+) -> dict[int, tuple[int, float]]:
+    """Per generation, the collections between two readings and their total pause (s)."""
+    out: dict[int, tuple[int, float]] = {}
+    for generation, (total, count) in sorted(after.items()):
+        total0, count0 = before.get(generation, (0.0, 0.0))
+        out[generation] = (int(count - count0), total - total0)
+    return out
 
 
 def describe_stages(stages: Mapping[str, float]) -> str:

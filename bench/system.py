@@ -30,7 +30,7 @@ from .procs import (
     medrelay_argv,
     tree_cpu,
 )
-from .stats import Window, join, parse_send_stages, stage_means
+from .stats import Window, gc_pauses, join, parse_gc_pauses, parse_send_stages, stage_means
 from .topology import Topology
 
 
@@ -245,7 +245,7 @@ class System:
         self.last_activity = {}
         parts0 = self._cpu_parts() if self.breakdown else {}
         counters0 = self._pg_counters() if self.breakdown else (0, 0)
-        stages0 = self._send_stages()
+        stages0, gc0 = self._node_metrics()
         start_at = time.monotonic() + 0.1
         cpu0 = self.cpu()
         ids = [
@@ -274,24 +274,30 @@ class System:
             win.commits = counters1[0] - counters0[0]
             win.sessions = counters1[1] - counters0[1]
             win.pg_activity = self.last_activity if during is None else {}
-        stages1 = self._send_stages()
+        stages1, gc1 = self._node_metrics()
         if stages0 and stages1:
             win.store_stages = stage_means(stages0, stages1)
+        if gc0 and gc1:
+            win.gc = gc_pauses(gc0, gc1)
         win.offered = offered
         self.last_results = results
         return win
 
-    def _send_stages(self) -> dict[str, tuple[float, float]]:
+    def _node_metrics(
+        self,
+    ) -> tuple[dict[str, tuple[float, float]], dict[int, tuple[float, float]]]:
         """The primary medrelay node's send-store histograms (``metrics.py``): stage ->
-        (sum, count). Empty for the bare relay, or if the node does not answer."""
+        (sum, count); and its collector's pauses: generation -> (sum, count). Empty for the
+        bare relay, or if the node does not answer."""
         if not self.medrelay or self.server is None:
-            return {}
+            return {}, {}
         url = f"http://127.0.0.1:{self.server.port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                return parse_send_stages(response.read().decode())
+                text = response.read().decode()
         except OSError:
-            return {}
+            return {}, {}
+        return parse_send_stages(text), parse_gc_pauses(text)
 
     def settle(self, limit: float = 5.0) -> None:
         """Wait until the server is idle (a failed step may leave a backlog), then reconnect

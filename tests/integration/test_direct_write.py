@@ -4,12 +4,13 @@ websockets removes the fast path, this fails instead of the fan-out silently slo
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import httpx
 from medrelay_server.gateway.connection import Connection
 
-from bench.stats import STAGES, parse_send_stages, stage_means
+from bench.stats import STAGES, gc_pauses, parse_gc_pauses, parse_send_stages, stage_means
 
 from .conftest import Harness
 
@@ -82,6 +83,21 @@ async def test_send_store_time_is_exported(node: Harness) -> None:
     means = stage_means({}, read)
     assert means["sends"] == 1.0 and means.get("one_trip", 0.0) == one_trip / 3
     assert all(0 < means[k] < 10 for k in STAGES if k != "wait" and k in means)
+
+
+async def test_the_bench_reads_the_collectors_pauses(node: Harness) -> None:
+    """``bench.latency`` prints each window's collections from ``medrelay_gc_pause_seconds``
+    (``heap.py``): a full collection between two readings shows as one more in generation 2,
+    with its pause."""
+    async with httpx.AsyncClient(base_url=node.server.http, timeout=10) as http:
+        before = parse_gc_pauses((await http.get("/metrics")).text)
+        gc.collect()
+        after = parse_gc_pauses((await http.get("/metrics")).text)
+    assert set(before) == set(after) == {0, 1, 2}
+    window = gc_pauses(before, after)
+    collections, pause = window[2]
+    assert collections >= 1 and pause > 0
+    assert all(n >= 0 and t >= 0 for n, t in window.values())
 
 
 async def test_deliveries_are_counted_once_each(harness: Harness) -> None:
