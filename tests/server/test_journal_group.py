@@ -12,7 +12,7 @@ from medrelay_protocol.errors import RequestError
 from medrelay_server.journal.verify import verify
 from medrelay_server.store.base import AuditRecord
 from medrelay_server.store.group import BatchTimes
-from medrelay_server.store.sql import SqlStore
+from medrelay_server.store.sql import JOURNAL_SLICE, SqlStore
 
 from .test_store_contract import NOW, ROOM, new_room, send
 
@@ -261,3 +261,38 @@ async def test_an_observer_that_fails_does_not_fail_the_sends(
     assert "send batch observer failed" in caplog.text
     sends = [r for r in await store.audit_records() if r.action == "send"]
     assert len(sends) == 6
+
+
+@pytest.mark.parametrize("with_receipts", [True, False])
+async def test_a_large_flush_is_stored_in_slices_on_one_chain(
+    store_backend: StoreBackend, monkeypatch: pytest.MonkeyPatch, with_receipts: bool
+) -> None:
+    """A delivery journal flush hashes and encodes its records on the event loop, so it
+    stores them ``JOURNAL_SLICE`` at a time (each slice its own statement, one transaction):
+    every record lands, in order, on the node's delivery stream, and the chain verifies,
+    whether or not receipts began the transaction."""
+    store = await store_backend.open()
+    await new_room(store)
+    slices: list[int] = []
+    append = store.delivery_writer.append
+
+    async def counting(conn: Any, records: Any, **kw: Any) -> None:
+        slices.append(len(records))
+        await append(conn, records, **kw)
+
+    monkeypatch.setattr(store.delivery_writer, "append", counting)
+    n = 2 * JOURNAL_SLICE + 7
+    records = [
+        AuditRecord("deliver", "success", user="bob", device=f"dev-{i}", room=ROOM, ts=NOW + i)
+        for i in range(n)
+    ]
+    receipts = [(ROOM, "dev-0", 1, NOW)] if with_receipts else []
+    await store.journal(records, receipts=receipts)
+    assert slices == [JOURNAL_SLICE, JOURNAL_SLICE, 7]
+    stored = [r for r in await store.audit_records() if r.action == "deliver"]
+    assert [r.device for r in stored] == [f"dev-{i}" for i in range(n)]
+    # a send and a second flush after it still chain on their own streams
+    await send(store, mid=b"%016d" % 1)
+    await store.journal(records[:3])
+    report = await verify(store.database, [], b"")
+    assert report.ok, report.problems
