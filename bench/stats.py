@@ -7,11 +7,14 @@ from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from .loadgen import KEY_SHIFT
+
+K = TypeVar("K", str, int)
 
 MIN_PER_THIRD = 15  # messages: fewer and the growth test is noise
 
@@ -127,6 +130,15 @@ class Window:
 STAGES = ("wait", "call", "begin", "read", "write", "commit")
 
 
+def _sum_count(out: dict[K, tuple[float, float]], key: K, sample: Sample) -> None:
+    """Fold a histogram's ``_sum`` or ``_count`` sample into ``out[key]`` = (sum, count)."""
+    total, count = out.get(key, (0.0, 0.0))
+    if sample.name.endswith("_sum"):
+        out[key] = (sample.value, count)
+    elif sample.name.endswith("_count"):
+        out[key] = (total, sample.value)
+
+
 def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
     """From a node's ``/metrics``: (sum, count) of each send's wait for its group-commit
     batch ("wait"), of each batch stage ("call": the one-trip call; "begin" to "commit":
@@ -153,11 +165,7 @@ def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
                 key = "sends"
             else:
                 key = sample.labels.get("stage", "")
-            total, count = out.get(key, (0.0, 0.0))
-            if sample.name.endswith("_sum"):
-                out[key] = (sample.value, count)
-            elif sample.name.endswith("_count"):
-                out[key] = (total, sample.value)
+            _sum_count(out, key, sample)
     if paths:
         out["one_trip"] = (paths.get("one_trip", 0.0), sum(paths.values()))
     return out
@@ -183,12 +191,7 @@ def parse_gc_pauses(text: str) -> dict[int, tuple[float, float]]:
         if family.name != "medrelay_gc_pause_seconds":
             continue
         for sample in family.samples:
-            generation = int(sample.labels.get("generation", "-1"))
-            total, count = out.get(generation, (0.0, 0.0))
-            if sample.name.endswith("_sum"):
-                out[generation] = (sample.value, count)
-            elif sample.name.endswith("_count"):
-                out[generation] = (total, sample.value)
+            _sum_count(out, int(sample.labels.get("generation", "-1")), sample)
     return out
 
 
