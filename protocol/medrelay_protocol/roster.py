@@ -38,7 +38,7 @@ sessions (:func:`verify_roster`) are for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -77,6 +77,9 @@ from .roster_entry import (
     make_external_change,
     make_genesis,
 )
+
+CertificateCheck = Callable[[bytes, bytes], DeviceCertificate]
+"""Checks a device certificate's signature under an identity key: ``(raw, key) -> cert``."""
 
 __all__ = [
     "CLOCK_SKEW",
@@ -169,9 +172,11 @@ def removes(entry: RosterEntry) -> str | None:
 # Verification
 
 
-def _certificate(raw: bytes, identity_key: bytes, user: str) -> DeviceCertificate:
+def _certificate(
+    raw: bytes, identity_key: bytes, user: str, verify: CertificateCheck = DeviceCertificate.verify
+) -> DeviceCertificate:
     try:
-        cert = DeviceCertificate.verify(raw, identity_key)
+        cert = verify(raw, identity_key)
     except (CryptoError, FrameError) as exc:
         raise UncertifiedDevice("roster: signer device is not certified by its user") from exc
     if cert.user_id != user:
@@ -373,7 +378,11 @@ def verify_roster(
 
 
 def certified_devices(
-    state: RosterState, certs_by_user: Mapping[str, Sequence[bytes]], *, now: int
+    state: RosterState,
+    certs_by_user: Mapping[str, Sequence[bytes]],
+    *,
+    now: int,
+    verify: CertificateCheck = DeviceCertificate.verify,
 ) -> dict[str, DeviceCertificate]:
     """The devices a client may wrap keys to: ``device_id -> certificate``.
 
@@ -381,13 +390,14 @@ def certified_devices(
     key and name that member; revoked devices, certificates issued more than
     :data:`CLOCK_SKEW` seconds after ``now``, and tablet certificates of members whose role is
     not ``device`` are left out. Bad certificates are excluded, never raised: the server
-    serves them and must not be able to make a client fail by adding garbage.
+    serves them and must not be able to make a client fail by adding garbage. ``verify``
+    checks one certificate's signature (``VerifiedDevices.certificate`` keeps outcomes).
     """
     out: dict[str, DeviceCertificate] = {}
     for user, member in state.members.items():
         for raw in certs_by_user.get(user, ()):
             try:
-                cert = _certificate(raw, member.identity_key, user)
+                cert = _certificate(raw, member.identity_key, user, verify)
             except UncertifiedDevice:
                 continue
             if state.is_revoked(user, cert.device_id) or cert.issued_at > now + CLOCK_SKEW:

@@ -63,6 +63,7 @@ from medrelay_protocol.roster import (
     verify_roster,
 )
 from medrelay_protocol.roster_entry import decode_entry
+from medrelay_protocol.verified import VerifiedDevices
 
 from .keystore import KeyStore
 
@@ -95,6 +96,8 @@ class RoomLogic:
         self.rosters: dict[str, RosterState] = {}
         self.pending: dict[str, bool] = {}
         self._device_keys: dict[tuple[str, str], bytes] = {}
+        self.devices_checked = VerifiedDevices()
+        """Outcomes of certificate and bundle checks: a rekey checks only new devices."""
         self._replay: dict[str, ReplayGuard] = {}
         self._rids = itertools.count(1)
         self.cert: DeviceCertificate | None = None
@@ -150,7 +153,8 @@ class RoomLogic:
         reply: Devices = await self.request(GetDevices(rid=self.rid(), users=users), Devices)
         now = int(time.time())
         certs = {u.user: list(u.certificates) for u in reply.users}
-        certified = certified_devices(state, certs, now=now)
+        checked = self.devices_checked
+        certified = certified_devices(state, certs, now=now, verify=checked.certificate)
         out: dict[str, tuple[str, bytes]] = {}
         for u in reply.users:
             for raw in u.bundles:
@@ -158,7 +162,7 @@ class RoomLogic:
                     if cert.user_id != u.user:
                         continue
                     try:
-                        b = DeviceBundle.verify(raw, cert.device_key, now=now)
+                        b = checked.bundle(raw, cert.device_key, now=now)
                     except MedrelayError:
                         continue
                     out[b.device_id] = (u.user, b.receiving_key)

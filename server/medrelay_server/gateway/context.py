@@ -23,6 +23,7 @@ from medrelay_protocol.frames import (
     RegisterDevice,
     RequestApproval,
 )
+from medrelay_protocol.verified import VerifiedDevices
 
 from ..auth.base import IdentityProvider
 from ..clock import Clock
@@ -74,6 +75,9 @@ class Gateway:
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
     rosters: VerifiedRosters = field(default_factory=VerifiedRosters)
     """Rooms' verified roster states by head (``rosters.py``): a change verifies one entry."""
+    devices_checked: VerifiedDevices = field(default_factory=VerifiedDevices)
+    """Outcomes of member devices' certificate and bundle checks (``medrelay_protocol.verified``):
+    a change checks only the devices it has not seen."""
     approval_ttl: int = 600
     """Seconds a device approval request lives (``request_approval``)."""
     max_pending_approvals: int = 4

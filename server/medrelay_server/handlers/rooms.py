@@ -16,7 +16,6 @@ from medrelay_protocol.epochs import RekeyManifest, check_recipients
 from medrelay_protocol.errors import MedrelayError, RequestError
 from medrelay_protocol.frames import Commit as CommitFrame
 from medrelay_protocol.frames import Committed, CreateRoom
-from medrelay_protocol.identity import DeviceBundle
 from medrelay_protocol.policy import may_commit_epoch
 from medrelay_protocol.roster import RosterEntry, RosterState, certified_devices, verify_entry
 from medrelay_protocol.roster import verify_roster as verify_roster_chain
@@ -34,20 +33,23 @@ def _refuse(exc: MedrelayError) -> RequestError:
 
 
 async def expected_devices(gw: Gateway, roster: RosterState) -> dict[str, bytes]:
-    """Certified, unrevoked devices of the roster's members: device id -> receiving key."""
+    """Certified, unrevoked devices of the roster's members: device id -> receiving key.
+    Signatures seen before are not checked again (``gw.devices_checked``); expiry,
+    revocation and roles are checked at every call."""
     records = await gw.store.devices_for(sorted(roster.members))
     live = [r for r in records if not r.revoked]
     certs: dict[str, list[bytes]] = {}
     for r in live:
         certs.setdefault(r.user, []).append(r.certificate)
-    certified = certified_devices(roster, certs, now=gw.clock.now())
+    now = gw.clock.now()
+    checked = gw.devices_checked
+    certified = certified_devices(roster, certs, now=now, verify=checked.certificate)
 
     out: dict[str, bytes] = {}
-    now = gw.clock.now()
     for r in live:
         if r.device_id in certified:
             try:  # an expired bundle cannot be wrapped to, by clients or by the rule here
-                bundle = DeviceBundle.verify(r.bundle, r.signing_key, now=now)
+                bundle = checked.bundle(r.bundle, r.signing_key, now=now)
             except MedrelayError:
                 continue
             out[r.device_id] = bundle.receiving_key
