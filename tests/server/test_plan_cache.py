@@ -5,7 +5,9 @@ to a cached generic plan after five executions, and that plan keeps the table si
 moment it was made until an ANALYZE. A node started on a young database planned its sends
 while ``events`` held a few rows, as a sequential scan, and kept scanning the whole table on
 every batch as it grew (the one-trip "collapse" of ``docs/performance.md``, seventh and
-eighth rounds). The store's sessions run with ``plan_cache_mode = force_custom_plan``.
+eighth rounds). The store's sessions run with ``plan_cache_mode = force_custom_plan``;
+``medrelay_send_batch`` keeps generic plans made with sequential scans priced out
+(migration 0009), which this test fails without.
 
 The check reads the plans themselves: each store session loads ``auto_explain`` and gets
 its plans (nested statements included) as log messages.

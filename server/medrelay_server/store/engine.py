@@ -12,7 +12,9 @@ Transactions:
   started on a young database went on scanning the whole ``events`` table for each batch's
   check for retried sends as the table grew. Planning each statement costs tens of
   microseconds (``tests/server/test_plan_cache.py``; ``docs/performance.md``, "Eighth
-  round").
+  round"). ``medrelay_send_batch`` carries its own settings (migration 0009): generic
+  plans made with sequential scans priced out, so its ten statements are planned once per
+  session and still use the indexes.
 * SQLite: sqlite3's own transaction handling is switched off (``isolation_level = None``)
   and the ``begin`` event emits ``BEGIN IMMEDIATE`` for writes (taking the database write
   lock up front, so a read-then-write never fails to upgrade) and a plain ``BEGIN`` for
