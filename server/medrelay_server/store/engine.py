@@ -195,6 +195,13 @@ class Database:
                     if pg.is_closed() or pg.is_in_transaction():
                         await conn.invalidate()
 
+    async def connect_for_statements(self) -> AsyncConnection:
+        """PostgreSQL only: a pooled connection to hold between statements
+        (:class:`~.held.HeldConnection`); the caller closes it to give it back."""
+        if self.is_sqlite:
+            raise ValueError("PostgreSQL only")
+        return await self._writer.connect()
+
     async def migrate(self) -> None:
         """Bring the schema to the newest revision, holding a migration lock (PostgreSQL:
         an advisory lock per schema; SQLite: the write lock) so concurrent starts are safe."""

@@ -32,6 +32,7 @@ from medrelay_protocol.errors import RequestError
 from .audit import ChainWriter, pg_audit_columns
 from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import Database, raw_errors
+from .held import HeldConnection
 from .messages import plan_send
 from .rows import EVENTS_CHANNEL
 
@@ -193,6 +194,11 @@ class OneTrip:
         self._db = db
         self._writer = writer
         self.predictions = Predictions(max_rooms)
+        self.connection = HeldConnection(db)
+        """The call's connection, kept between batches (``held.py``)."""
+
+    async def close(self) -> None:
+        await self.connection.close()
 
     async def run(
         self, items: Sequence[dict[str, Any]], clock: Callable[[], float] = time.monotonic
@@ -234,7 +240,7 @@ class OneTrip:
         self.predictions.sending(last)
         started = clock()
         try:
-            async with self._db.statement() as pg, raw_errors():
+            async with self.connection.statement() as pg, raw_errors():
                 code = await pg.fetchval(_CALL, *args)
         except BaseException:  # stored or not is unknown: plan from the stored state
             self._writer.one_trip_done(taken, stored=False, head_moved=True)

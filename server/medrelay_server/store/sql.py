@@ -141,6 +141,7 @@ class SqlStore:
         one_trip = None
         if one_trip_sends and journal and not self._db.is_sqlite:
             one_trip = OneTrip(self._db, self.writer)
+        self._one_trip = one_trip
         self._group = (
             GroupCommitter(self._db, self.writer, depth=batches_in_flight, one_trip=one_trip)
             if group_commit
@@ -218,6 +219,8 @@ class SqlStore:
     async def close(self) -> None:
         if self._group is not None:
             await self._group.close()
+        if self._one_trip is not None:
+            await self._one_trip.close()
         try:
             async with self._db.write() as conn:
                 await self.writer.release(conn)
