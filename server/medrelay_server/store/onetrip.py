@@ -9,7 +9,7 @@ roles, and its own journal head.
 
 So the node plans the batch from what it remembers (:class:`Predictions`), exactly as
 ``SendBatch`` would plan it from what it reads (:func:`~.messages.plan_send`), and sends
-the plan and the predictions in one call of ``medrelay_send_batch`` (migration 0007). The
+the plan and the predictions in one call of ``medrelay_send_batch`` (migrations 0007-0010). The
 call is its own transaction. It locks the rooms in room order, then checks every
 prediction with statements that see everything committed before the locks were granted,
 and writes only if all hold. A removal committed just before is therefore seen exactly as
@@ -29,7 +29,7 @@ from typing import Any
 
 from medrelay_protocol.errors import RequestError
 
-from .audit import ChainWriter, pg_audit_columns
+from .audit import ChainWriter, pg_audit_row
 from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import Database, raw_errors
 from .held import HeldConnection
@@ -50,8 +50,7 @@ STORED, ROOM_MOVED, ROLE_CHANGED, RETRIED, HEAD_MOVED = range(5)
 """``medrelay_send_batch``'s answers: stored, or which prediction failed."""
 MISSES = {ROOM_MOVED: "room", ROLE_CHANGED: "role", RETRIED: "retried", HEAD_MOVED: "head"}
 
-_CALL = "SELECT medrelay_send_batch(" + ", ".join(f"${i}" for i in range(1, 47)) + ")"
-_EVENT_ORDER = ("room", "seq", "kind", "sender_device", "sender_user", "ts", "payload", "mid")
+_CALL = "SELECT medrelay_send_batch(" + ", ".join(f"${i}" for i in range(1, 19)) + ")"
 
 
 @dataclass(slots=True)
@@ -185,6 +184,11 @@ class Trip:
 NOT_TRIED = Trip(None)
 
 
+def _event_row(ev: StoredEvent) -> tuple[Any, ...]:
+    """One ``medrelay_event_row`` (migration 0010)."""
+    return (ev.room, ev.seq, ev.kind, ev.sender_device, ev.sender_user, ev.ts, ev.payload, ev.mid)
+
+
 class OneTrip:
     """Plans batches from :class:`Predictions` and stores them with one call."""
 
@@ -232,10 +236,10 @@ class OneTrip:
             [last[room] for room in rooms],
             *map(list, zip(*roles, strict=True)),
             list(roles.values()),
-            *([getattr(ev, f) for ev in new] for f in _EVENT_ORDER),
+            [_event_row(ev) for ev in new],
             EVENTS_CHANNEL,
             *taken.condition,
-            *pg_audit_columns(taken.entries),
+            [pg_audit_row(e) for e in taken.entries],
         ]
         self.predictions.sending(last)
         started = clock()
