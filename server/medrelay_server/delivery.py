@@ -253,12 +253,13 @@ class Delivery:
         """Bring every local room up to the store's last seq: after a broker reconnect (a
         publish may have been lost while disconnected) and on the slow poll, so a silent
         broker or a crash between commit and publish never stalls delivery (I8)."""
+        last = await self.store.last_seqs(list(self.hubs)) if self.hubs else {}
         for room, hub in list(self.hubs.items()):
-            state = await self.store.room_state(room)
-            if state is not None and state.last_seq > hub.processed:
+            seq = last.get(room, 0)
+            if seq > hub.processed:
                 async with hub.lock:
                     if self.hubs.get(room) is hub:
-                        await self._fill_gap(hub, state.last_seq)
+                        await self._fill_gap(hub, seq)
             for conn in tuple(hub.conns):  # a catch-up that failed earlier starts again
                 cursor = conn.cursors.get(room)
                 if cursor is not None and cursor < hub.processed and room not in conn.catching_up:
@@ -267,14 +268,20 @@ class Delivery:
     async def resync_users(self) -> None:
         """Join every connected, registered user to rooms they were added to while a user
         notice was lost (the broker is at most once): after a broker reconnect, and slowly."""
-        for user, conns in list(self.registry.by_user.items()):
-            live = [c for c in conns if c.registered and not c.closed]
-            if not live:
+        users = [
+            user
+            for user, conns in self.registry.by_user.items()
+            if any(c.registered and not c.closed for c in conns)
+        ]
+        current = await self.store.current_rooms(users) if users else {}
+        for user in users:
+            rooms = current.get(user)
+            if not rooms:
                 continue
-            rooms = {state.room for state, _role in await self.store.rooms_for_user(user)}
-            for conn in live:
-                for room in rooms - set(conn.cursors):
-                    self._spawn(self.subscribe(conn, room, 0))
+            for conn in self.registry.of_user(user):
+                if conn.registered and not conn.closed:
+                    for room in rooms - set(conn.cursors):
+                        self._spawn(self.subscribe(conn, room, 0))
 
     async def on_broker_reconnect(self) -> None:
         await self.resync()

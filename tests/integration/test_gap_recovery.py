@@ -3,14 +3,18 @@ and fill from the store, or catch on the slow poll when nothing else arrives."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 from medrelay_client.client import Client
 from medrelay_server.fanout.memory import InMemoryBroker
 from medrelay_server.settings import Limits
 
+from ..polling import until
 from .conftest import Harness, _harness
 from .rawclient import collect_until, texts
 
@@ -75,3 +79,55 @@ async def test_silent_broker_is_caught_by_the_slow_poll(tmp_path: Path) -> None:
         got = await collect_until(bob, sent[-1], timeout=10)
         assert texts(got) == sent
         assert broker.count >= len(sent)  # the broker really dropped them
+
+
+class _Reads:
+    """Counts the store reads the slow poll could make."""
+
+    def __init__(self, h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        for name in ("last_seqs", "room_state", "current_rooms", "rooms_for_user"):
+            original = getattr(h.store, name)
+
+            async def counted(*args: Any, _name: str = name, _f: Any = original) -> Any:
+                self.calls[_name] += 1
+                return await _f(*args)
+
+            monkeypatch.setattr(h.store, name, counted)
+
+
+async def test_the_slow_poll_reads_all_rooms_and_users_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read for every subscribed room (``resync``) and one for every connected user
+    (``resync_users``), not one each: with thousands of them the poll was a burst of reads
+    that held back live delivery."""
+    async with lossy(tmp_path, Limits(poll_interval=3600)) as (h, broker):
+        alice, bob, room = await _pair(h)
+        other = await alice.create_room()
+        await alice.add(other, "bob")
+        await bob.wait_for_key(other)
+        broker.dropping = True  # every room publish from here on is lost
+        await alice.send_text(room, "in the first room")
+        await alice.send_text(other, "in the second room")
+        reads = _Reads(h, monkeypatch)
+        await h.gateway.delivery.resync()
+        assert reads.calls == Counter(last_seqs=1)
+        assert texts(await collect_until(bob, "in the first room", timeout=10)) == [
+            "in the first room"
+        ]
+        # a join bob's connection missed (its user notice lost): the users' poll finds it
+        hub = h.gateway.delivery.hubs[other]
+        conn = next(c for c in hub.conns if c.user == "bob")
+        await h.gateway.delivery.unsubscribe(conn, other)
+        assert other not in conn.cursors
+        await h.gateway.delivery.resync_users()
+        assert reads.calls == Counter(last_seqs=1, current_rooms=1)
+
+        async def joined() -> bool:
+            return other in conn.cursors
+
+        await until(joined)
+        assert "in the second room" in texts(
+            await collect_until(bob, "in the second room", timeout=10)
+        )

@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
+from medrelay_server.store import rooms
 from medrelay_server.store.base import (
     AppendResult,
     AuditRecord,
@@ -621,3 +622,21 @@ async def test_unreachable_postgres_is_unavailable() -> None:
             await store.room_state(ROOM)
     finally:
         await store.close()
+
+
+async def test_last_seqs_and_current_rooms_read_many_names_at_once(store: SqlStore) -> None:
+    """The slow poll's reads (``Delivery.resync`` and ``resync_users``): one read for every
+    subscribed room and every connected user, however many (names go in chunks)."""
+    await new_room(store)
+    await new_room(store, "room-2", owner="bob")
+    await change(store, 2, MembershipChange(add={"bob": "member", "carol": "member"}))
+    await change(store, 3, MembershipChange(remove=["carol"]), rekey={"alice-1": b"w"})
+    await send(store, "bob", room="room-2")
+    unknown = [f"nobody-{i}" for i in range(2 * rooms.IN_CHUNK + 1)]
+    last = await store.last_seqs([*unknown[:700], ROOM, "room-2", *unknown[700:]])
+    state, state2 = await store.room_state(ROOM), await store.room_state("room-2")
+    assert state is not None and state2 is not None
+    assert last == {ROOM: state.last_seq, "room-2": state2.last_seq}
+    current = await store.current_rooms([*unknown, "alice", "bob", "carol"])
+    assert current == {"alice": {ROOM}, "bob": {ROOM, "room-2"}}  # carol was removed
+    assert await store.last_seqs([]) == {} and await store.current_rooms([]) == {}

@@ -312,6 +312,13 @@ class Store(Protocol):
 
     async def rooms_for_user(self, user: str) -> list[tuple[RoomState, str]]: ...
 
+    async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
+        """Each named room's last seq, for every one that exists, in one read."""
+
+    async def current_rooms(self, users: Sequence[str]) -> dict[str, set[str]]:
+        """The rooms each named user is a current member of, in one read (a user in no
+        room is left out)."""
+
     async def commit(
         self, commit: Commit, *, now: int, audit: Sequence[AuditRecord]
     ) -> list[StoredEvent]:

@@ -233,6 +233,34 @@ async def members(conn: AsyncConnection, room: str) -> dict[str, str]:
     return {row.user_id: row.role for row in await conn.execute(query)}
 
 
+IN_CHUNK = 500
+"""Names per ``IN (...)`` of the reads over many rooms or users (one statement each)."""
+
+
+async def last_seqs(conn: AsyncConnection, rooms: Sequence[str]) -> dict[str, int]:
+    """Each existing room's last seq, in one statement per :data:`IN_CHUNK` rooms."""
+    c = t.rooms.c
+    out: dict[str, int] = {}
+    for i in range(0, len(rooms), IN_CHUNK):
+        query = sa.select(c.room, c.last_seq).where(c.room.in_(rooms[i : i + IN_CHUNK]))
+        out.update((row.room, row.last_seq) for row in await conn.execute(query))
+    return out
+
+
+async def current_rooms(conn: AsyncConnection, users: Sequence[str]) -> dict[str, set[str]]:
+    """The rooms each user is a current member of (users in none are left out), in one
+    statement per :data:`IN_CHUNK` users."""
+    m = t.memberships.c
+    out: dict[str, set[str]] = {}
+    for i in range(0, len(users), IN_CHUNK):
+        query = sa.select(m.user_id, m.room).where(
+            m.user_id.in_(users[i : i + IN_CHUNK]), m.to_seq.is_(None)
+        )
+        for row in await conn.execute(query):
+            out.setdefault(row.user_id, set()).add(row.room)
+    return out
+
+
 async def rooms_for_user(conn: AsyncConnection, user: str) -> list[tuple[RoomState, str]]:
     m = t.memberships.c
     query = (

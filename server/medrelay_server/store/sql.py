@@ -400,6 +400,14 @@ class SqlStore:
         async with self._db.read() as conn:
             return await rooms.rooms_for_user(conn, user)
 
+    async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
+        async with self._db.read() as conn:
+            return await rooms.last_seqs(conn, room_ids)
+
+    async def current_rooms(self, users: Sequence[str]) -> dict[str, set[str]]:
+        async with self._db.read() as conn:
+            return await rooms.current_rooms(conn, users)
+
     async def commit(
         self, commit: Commit, *, now: int, audit: Sequence[AuditRecord]
     ) -> list[StoredEvent]:
