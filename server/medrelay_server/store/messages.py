@@ -19,7 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as t
-from .audit import ChainWriter, fill_records, pg_audit_columns, pg_known_head_ctes
+from .audit import ChainWriter, fill_records, pg_audit_rows, pg_known_head_ctes
 from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import raw_errors
 from .rows import EVENT_COLUMNS, EVENTS_CHANNEL, event_of, refuse
@@ -298,7 +298,7 @@ class SendBatch:
                 return
             try:
                 row = await self._pg.fetchrow(
-                    _PG_WRITE_AUDIT, *args, *taken.condition, *pg_audit_columns(taken.entries)
+                    _PG_WRITE_AUDIT, *args, *taken.condition, pg_audit_rows(taken.entries)
                 )
             except BaseException:
                 self._writer.abandon_known_head()
