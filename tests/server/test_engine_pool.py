@@ -71,3 +71,31 @@ async def test_connections_beyond_the_pool_are_closed_after_the_burst() -> None:
 def test_a_pool_needs_a_connection() -> None:
     with pytest.raises(ValueError):
         Database(PG_URL, pool_size=0)
+
+
+async def test_reads_run_without_a_transaction_and_writes_on_the_same_session_keep_theirs() -> None:
+    """Reads are in autocommit on PostgreSQL (no BEGIN and COMMIT round trips); the session
+    goes back to the pool as it came, so a write on it is still one transaction."""
+    db = Database(PG_URL, pool_size=1)
+    table = "test_reads_" + str(id(db))
+    try:
+        async with db.read() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            await conn.execute(sa.text("SELECT 1"))
+            assert not raw.is_in_transaction()
+            pid = int((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+        async with db.write() as conn:
+            await conn.execute(sa.text(f"CREATE TABLE {table} (x int)"))
+        with pytest.raises(RuntimeError):
+            async with db.write() as conn:
+                assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() == pid
+                raw = (await conn.get_raw_connection()).driver_connection
+                await conn.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
+                assert raw.is_in_transaction()
+                raise RuntimeError("roll back")
+        async with db.read() as conn:
+            assert (await conn.execute(sa.text(f"SELECT count(*) FROM {table}"))).scalar_one() == 0
+    finally:
+        async with db.write() as conn:
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        await db.dispose()

@@ -111,13 +111,26 @@ class Database:
                 max_overflow=POOL_OVERFLOW,
             )
         self._writer: AsyncEngine = self.engine.execution_options(**{_WRITE: True})
+        self._reader: AsyncEngine | None = (
+            None if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads. On PostgreSQL it is in autocommit: each statement is a
+        transaction of its own, with its own snapshot, which is what READ COMMITTED gives
+        each statement inside BEGIN and COMMIT too, less those two round trips (a
+        one-statement read cost 870-940 µs of CPU that way, 456-474 µs without). Reads that
+        need one state across statements use :meth:`snapshot`; locking reads belong in
+        :meth:`write`. On SQLite, a read transaction (the ``begin`` hook)."""
         with unavailable_on_db_error():
-            async with self.engine.begin() as conn:
-                yield conn
+            if self._reader is None:
+                async with self.engine.begin() as conn:
+                    yield conn
+            else:
+                async with self._reader.connect() as conn:
+                    yield conn
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncConnection]:
