@@ -329,3 +329,27 @@ async def test_a_batch_of_many_sends_takes_one_trip(env: Env) -> None:
     assert [r.event.seq for r in results] == list(range(4, 24))
     assert env.paths["node-1"][0] == "full"
     assert set(env.paths["node-1"][1:]) == {"one_trip"}
+
+
+async def test_the_previous_releases_call_still_answers_during_a_rolling_upgrade(
+    env: Env,
+) -> None:
+    """Migration 0010 adds the call that takes rows beside the 46-parameter one, which
+    nodes of the previous release still call until they are upgraded (migrations are
+    additive, docs/operations.md section 7). Both check their predictions the same way."""
+    store = await env.open()
+    await new_room(store)
+    head = ("node-1", 1, 0, b"", 1, b"", 0)
+    missing = (["no-such-room"], [1], [1], [False], [2], [], [], [])
+    old = [*missing, *([] for _ in range(8)), "ch", *head, *([] for _ in range(22))]
+    new = [*missing, [], "ch", *head, []]
+    for args in (old, new):
+        call = "SELECT medrelay_send_batch(" + ", ".join(f"${i + 1}" for i in range(len(args)))
+        assert await env.raw.fetchval(call + ")", *args) == 1  # the room's state missed
+    assert (
+        await env.raw.fetchval(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = 'medrelay_send_batch' AND n.nspname = current_schema()"
+        )
+        == 2
+    )

@@ -10,6 +10,10 @@ or two per column. A one-to-four-send call then costs the node 40-60 µs less CP
 PostgreSQL less parsing). The statements and the checks are those of 0008, with 0009's
 settings; only where the rows come from changes.
 
+The 46-parameter function stays beside it (PostgreSQL tells them apart by their
+parameters): during a rolling upgrade the nodes of the previous release still call it
+(``docs/operations.md`` section 7: migrations are additive). A later release may drop it.
+
 SQLite: nothing.
 
 Revision ID: 0010
@@ -18,9 +22,6 @@ Create Date: 2026-11-29
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 from alembic import op
 
@@ -117,20 +118,15 @@ $fn$
 """
 
 
-def _function_0008() -> str:
-    """0008's definition, for the downgrade (migrations are never edited)."""
-    path = Path(__file__).with_name("0008_send_batch_waits_for_head.py")
-    spec = importlib.util.spec_from_file_location("medrelay_migration_0008", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    function: str = module.function_0008()
-    return function
+SIGNATURE = (
+    "medrelay_send_batch(text[], bigint[], bigint[], boolean[], bigint[], text[], text[],"
+    " text[], medrelay_event_row[], text, text, bigint, bigint, bytea, bigint, bytea, bigint,"
+    " medrelay_audit_row[])"
+)
 
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION medrelay_send_batch")
         op.execute(EVENT_ROW)
         op.execute(AUDIT_ROW)
         op.execute(FUNCTION)
@@ -138,11 +134,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION medrelay_send_batch")
+        op.execute(f"DROP FUNCTION {SIGNATURE}")
         op.execute("DROP TYPE medrelay_audit_row")
         op.execute("DROP TYPE medrelay_event_row")
-        op.execute(_function_0008())
-        op.execute(
-            "ALTER FUNCTION medrelay_send_batch"
-            " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off"
-        )
