@@ -20,6 +20,7 @@ key, about 600 bytes an entry), least recently used out first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TypeVar
 
 from .crypto import check_not_expired
@@ -32,13 +33,19 @@ DEFAULT_LIMIT = 20_000
 _T = TypeVar("_T", DeviceCertificate, DeviceBundle)
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    error: type[MedrelayError]
+    message: str
+
+
 class VerifiedDevices:
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._limit = limit
         self._kept: OrderedDict[
-            tuple[bool, bytes, bytes], DeviceCertificate | DeviceBundle | MedrelayError
+            tuple[bool, bytes, bytes], DeviceCertificate | DeviceBundle | _Refusal
         ] = OrderedDict()
         self.checks = 0
         """Signature checks made (outcomes not found here)."""
@@ -67,14 +74,14 @@ class VerifiedDevices:
             self.checks += 1
             try:
                 kept = kind.verify(slot[2], slot[1])
-            except MedrelayError as exc:
-                kept = exc
+            except MedrelayError as exc:  # the class and message only: not its traceback
+                kept = _Refusal(type(exc), exc.message)
             self._kept[slot] = kept
             if len(self._kept) > self._limit:
                 self._kept.popitem(last=False)
         else:
             self._kept.move_to_end(slot)
-        if isinstance(kept, MedrelayError):
-            raise type(kept)(kept.message)
+        if isinstance(kept, _Refusal):
+            raise kept.error(kept.message)
         assert isinstance(kept, kind)
         return kept

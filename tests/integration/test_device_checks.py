@@ -1,7 +1,9 @@
 """A room change checks the signatures of the member devices it has not seen before, not
 every member's certificate and bundle again (``medrelay_protocol.verified``), on the server
-and in the client that builds the rekey. Expiry and revocation are still checked at every
-change: a device revoked after its outcome was kept is no longer a recipient."""
+and in the client that builds the rekey. A device revoked in the directory after its
+outcome was kept is no longer a recipient (the roster's revocations, issue times and roles
+with kept outcomes: ``tests/protocol/test_roster.py``; expiry:
+``tests/protocol/test_verified_devices.py``)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ async def test_a_change_checks_only_the_devices_not_seen_before(harness: Harness
     assert sorted(await harness.store.members(room)) == ["alice", "bob", "dave"]
 
 
-async def test_a_revoked_device_is_left_out_though_its_checks_were_kept(harness: Harness) -> None:
+async def test_a_device_revoked_in_the_directory_is_left_out_without_new_checks(
+    harness: Harness,
+) -> None:
     alice = await harness.client("alice")
     phone = await _second_device(harness, alice)
     await harness.client("bob")

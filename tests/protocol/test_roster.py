@@ -32,6 +32,7 @@ from medrelay_protocol.roster import (
     verify_roster,
 )
 from medrelay_protocol.roster_entry import GENESIS_PREV, ROSTER_LABEL, entry_head, sign_entry
+from medrelay_protocol.verified import VerifiedDevices
 
 ROOM = "room-7f3a"
 T0 = 1_700_000_000
@@ -673,6 +674,38 @@ def test_certified_devices_keeps_only_certified_unrevoked_devices(room: RosterSt
     assert devices[BOB.cert.device_id].user_id == "bob"
     later = certified_devices(state, certs, now=T0 + 10_000)
     assert future.device_id in later
+
+
+def test_kept_check_outcomes_still_leave_out_revoked_early_and_wrong_role_devices(
+    room: RosterState,
+) -> None:
+    """With ``VerifiedDevices`` the signatures are checked once; what can change between two
+    rekeys is checked at every one: the roster's revocations, ``issued_at`` and roles."""
+    laptop = BOB.second_device("laptop")
+    bob_tablet = BOB.second_device("tablet", kind="tablet")
+    future = DeviceCertificate.issue(
+        CAROL.identity, "carol", SigningKey(_seed("carol", "f")).public, "person", T0 + 10_000
+    )
+    certs = {
+        "alice": [ALICE.cert.raw],
+        "bob": [BOB.cert.raw, laptop.cert.raw, bob_tablet.cert.raw],
+        "carol": [CAROL.cert.raw, future.raw],
+    }
+    kept = VerifiedDevices()
+    before = certified_devices(room, certs, now=T0 + 60, verify=kept.certificate)
+    assert laptop.cert.device_id in before and kept.checks == 6
+    state, _ = verify_entry(
+        room, BOB.change(room, "revoke_device", user="bob", device=laptop.cert.device_id)
+    )
+    for now in (T0 + 60, T0 + 10_000):
+        assert certified_devices(state, certs, now=now, verify=kept.certificate) == (
+            certified_devices(state, certs, now=now)
+        )
+    after = certified_devices(state, certs, now=T0 + 60, verify=kept.certificate)
+    assert laptop.cert.device_id not in after  # revoked in the roster after it was kept
+    assert bob_tablet.cert.device_id not in after  # a tablet certificate of a member
+    assert future.device_id not in after  # issued after now
+    assert kept.checks == 6  # every signature came from what was kept
 
 
 def test_history_grant_refused_when_the_room_shares_no_history() -> None:
