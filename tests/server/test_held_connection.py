@@ -111,3 +111,16 @@ async def test_a_terminated_backend_is_unavailable_once_then_replaced(db: Databa
     assert not held.held
     assert await _pid(held) != first and held.taken == 2
     await held.close()
+
+
+async def test_closed_during_a_use_it_gives_the_connection_back_when_the_use_ends(
+    db: Database,
+) -> None:
+    held = HeldConnection(db)
+    async with held.statement() as pg:
+        await held.close()  # store shutdown while a batch's call is in flight
+        assert held.held and await pg.fetchval("SELECT 1") == 1  # still this use's
+    assert not held.held and db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await _pid(held)  # after close: a connection from the pool for this use only
+    assert not held.held and held.taken == 1
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -11,7 +11,8 @@ takes one connection from the pool at its first use and keeps it for the next on
   and the next use takes another from the pool.
 * A use that finds the held connection busy (a second batch in flight, ``depth`` 2) takes
   one from the pool for itself, as before: nobody waits for the held one.
-* :meth:`close` gives it back to the pool (before the engine is disposed).
+* :meth:`close` gives it back to the pool (before the engine is disposed), at the end of
+  a use still in progress; uses after it take their own from the pool.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class HeldConnection:
         self._conn: AsyncConnection | None = None
         self._pg: Any = None
         self._busy = False
+        self._closed = False
         self.taken = 0
         """Connections taken from the pool for holding (1 unless one was lost)."""
 
@@ -41,7 +43,7 @@ class HeldConnection:
     @contextlib.asynccontextmanager
     async def statement(self) -> AsyncIterator[Any]:
         """As :meth:`Database.statement`: an asyncpg connection outside any transaction."""
-        if self._busy:
+        if self._busy or self._closed:
             async with self._db.statement() as pg:
                 yield pg
             return
@@ -56,6 +58,8 @@ class HeldConnection:
                 finally:
                     if not clean or pg.is_closed() or pg.is_in_transaction():
                         await self._drop()
+                    elif self._closed:  # closed while this use ran: give it back now
+                        await self._give_back()
         finally:
             self._busy = False
 
@@ -80,7 +84,13 @@ class HeldConnection:
                 await conn.close()
 
     async def close(self) -> None:
-        """Give the connection back to the pool."""
+        """Give the connection back to the pool (at the end of a use in progress, if one
+        is); later uses take one from the pool each, as :meth:`Database.statement` does."""
+        self._closed = True
+        if not self._busy:
+            await self._give_back()
+
+    async def _give_back(self) -> None:
         conn, self._conn, self._pg = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
