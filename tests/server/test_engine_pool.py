@@ -6,13 +6,16 @@ nodes of ``docs/performance.md`` "Fifth round" opened 90-110 sessions a window).
 from __future__ import annotations
 
 import asyncio
+import os
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from medrelay_server.settings import POOL_OVERFLOW
 from medrelay_server.store.engine import Database
 
 from .conftest import PG_URL
+from .test_send_locks import DSN
 
 pytestmark = pytest.mark.postgres
 
@@ -99,3 +102,33 @@ async def test_reads_run_without_a_transaction_and_writes_on_the_same_session_ke
         async with db.write() as conn:
             await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         await db.dispose()
+
+
+async def test_sessions_run_read_committed_whatever_the_databases_default() -> None:
+    """The locking and the autocommit reads are built on READ COMMITTED; a role (or
+    database) whose default an operator set to REPEATABLE READ does not change that."""
+    role = f"medrelay_rr_{os.getpid()}"
+    admin = await asyncpg.connect(DSN)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(
+            f"ALTER ROLE {role} SET default_transaction_isolation = 'repeatable read'"
+        )
+        raw = await asyncpg.connect(DSN.replace("postgres@", f"{role}@"))
+        try:  # the role's default holds for a session that does not set its own
+            assert await raw.fetchval("SHOW transaction_isolation") == "repeatable read"
+        finally:
+            await raw.close()
+        db = Database(PG_URL.replace("postgres@", f"{role}@"))
+        try:
+            async with db.read() as conn:
+                level = (await conn.execute(sa.text("SHOW transaction_isolation"))).scalar()
+                assert level == "read committed"
+            async with db.write() as conn:
+                level = (await conn.execute(sa.text("SHOW transaction_isolation"))).scalar()
+                assert level == "read committed"
+        finally:
+            await db.dispose()
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

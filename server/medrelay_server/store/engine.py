@@ -67,8 +67,11 @@ _DRIVERS = {
 class Database:
     """One engine plus the transaction discipline of its dialect.
 
-    ``read()`` and ``write()`` are async context managers yielding a connection inside a
-    transaction that commits on normal exit and rolls back on an exception.
+    ``write()`` yields a connection inside a transaction that commits on normal exit and
+    rolls back on an exception. ``read()`` yields one in autocommit on PostgreSQL (each
+    statement its own transaction) and inside a read transaction on SQLite. Sessions run
+    READ COMMITTED whatever the server's default: the locking (room rows, the journal's
+    node rows) and ``read()`` are built on each statement seeing what committed before it.
     """
 
     def __init__(
@@ -93,7 +96,10 @@ class Database:
         else:
             if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
                 raise ValueError("schema must be a lowercase SQL identifier")
-            settings = {"plan_cache_mode": "force_custom_plan"}
+            settings = {
+                "plan_cache_mode": "force_custom_plan",
+                "default_transaction_isolation": "read committed",
+            }
             if schema is not None:
                 settings["search_path"] = schema
             connect_args: dict[str, Any] = {"server_settings": settings}
