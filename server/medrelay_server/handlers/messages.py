@@ -132,12 +132,18 @@ async def handle_receipt(gw: Gateway, conn: Connection, frame: Receipt) -> None:
 
 async def handle_sync(gw: Gateway, conn: Connection, frame: Sync) -> None:
     """Replay each named room after the given seq, then keep it live; also joins every room
-    the user is a member of but did not name (from seq 0)."""
+    the user is a member of but did not name (from seq 0). One read gives the user's
+    current rooms, and with them the membership check of every named room: ``FORBIDDEN``
+    for a room the user is not a current member of, or that does not exist, as
+    :func:`require_member` (a read per named room) answers."""
+    current = [state.room for state, _role in await gw.store.rooms_for_user(conn.user)]
+    members_of = set(current)
     rooms = dict(frame.rooms)
     for room in rooms:
-        await require_member(gw, conn, room)
-    for state, _role in await gw.store.rooms_for_user(conn.user):
-        rooms.setdefault(state.room, 0)
+        if room not in members_of:
+            raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
+    for room in current:
+        rooms.setdefault(room, 0)
     for room, after in rooms.items():
         await gw.delivery.subscribe(conn, room, after)
     heads = {room: conn.cursors.get(room, 0) for room in rooms}
