@@ -4,18 +4,14 @@ under the exact bytes and key, expiry checked at every use, bounded."""
 from __future__ import annotations
 
 import pytest
-from medrelay_protocol.crypto import ReceivingKey, SigningKey
+from medrelay_protocol.crypto import SigningKey
 from medrelay_protocol.errors import BadSignature, KeyExpired, MedrelayError
 from medrelay_protocol.identity import DeviceBundle, DeviceCertificate
 from medrelay_protocol.verified import VerifiedDevices
 
-IDENTITY = SigningKey(bytes(range(32)))
+from .test_identity import DEVICE, EXPIRES_AT, IDENTITY, ISSUED_AT, RECEIVING, USER
+
 OTHER_IDENTITY = SigningKey(bytes(range(128, 160)))
-DEVICE = SigningKey(bytes(range(32, 64)))
-RECEIVING = ReceivingKey(bytes(range(96, 128)))
-USER = "dr.okafor@st-mary"
-ISSUED_AT = 1_760_000_000
-EXPIRES_AT = ISSUED_AT + 7 * 86400
 
 
 def _cert() -> DeviceCertificate:
