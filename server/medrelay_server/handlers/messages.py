@@ -43,8 +43,12 @@ async def require_member(gw: Gateway, conn: Connection, room: str) -> str:
     alike, so room ids cannot be probed."""
     role = await gw.store.member_role(room, conn.user)
     if role is None:
-        raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
+        raise _not_a_member()
     return role
+
+
+def _not_a_member() -> RequestError:
+    return RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
 
 
 def _checked_envelope(conn: Connection, room: str, mid: bytes, raw: bytes) -> tuple[int, str]:
@@ -141,7 +145,7 @@ async def handle_sync(gw: Gateway, conn: Connection, frame: Sync) -> None:
     rooms = dict(frame.rooms)
     for room in rooms:
         if room not in members_of:
-            raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
+            raise _not_a_member()
     for room in current:
         rooms.setdefault(room, 0)
     for room, after in rooms.items():
@@ -197,7 +201,7 @@ async def handle_get_roster(gw: Gateway, conn: Connection, frame: GetRoster) -> 
     state = await gw.store.room_state(frame.room)
     entries = await gw.store.roster_entries(frame.room)
     if state is None:
-        raise RequestError(ErrorCode.FORBIDDEN, "not a member of this room")
+        raise _not_a_member()
     gw.reply(
         conn,
         Roster(

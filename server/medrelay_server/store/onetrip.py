@@ -29,7 +29,7 @@ from typing import Any
 
 from medrelay_protocol.errors import RequestError
 
-from .audit import ChainWriter, pg_audit_row
+from .audit import ChainWriter, pg_audit_rows
 from .base import AppendResult, AuditRecord, StoredEvent
 from .engine import Database, raw_errors
 from .held import HeldConnection
@@ -239,7 +239,7 @@ class OneTrip:
             [_event_row(ev) for ev in new],
             EVENTS_CHANNEL,
             *taken.condition,
-            [pg_audit_row(e) for e in taken.entries],
+            pg_audit_rows(taken.entries),
         ]
         self.predictions.sending(last)
         started = clock()
