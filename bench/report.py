@@ -84,10 +84,11 @@ class Table:
                 scen,
                 "at half load, mean ms: a send's wait for its batch / the one-trip call / "
                 "then, batches run the usual way: begin / read / write / commit "
-                "(sends per batch, share in one trip)",
+                "(sends per batch, share stored by the first call / by a later call)",
                 " / ".join(f"{stages.get(k, math.nan) * 1e3:.1f}" for k in STAGES)
                 + f" ({stages.get('sends', math.nan):.1f},"
-                f" {stages.get('one_trip', math.nan):.0%})",
+                f" {stages.get('one_trip', math.nan):.0%}"
+                f" / {stages.get('later_call', math.nan):.0%})",
                 "",
                 "",
             )

@@ -143,14 +143,29 @@ def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
     """From a node's ``/metrics``: (sum, count) of each send's wait for its group-commit
     batch ("wait"), of each batch stage ("call": the one-trip call; "begin" to "commit":
     the batches run the usual way), of sends per batch ("sends"), and (batches stored in
-    one trip, all batches) as "one_trip", so that its mean is the one-trip share."""
+    one trip, all batches) as "one_trip", so that its mean is the one-trip share, and
+    likewise "later_call" (stored by a later call after earlier ones found rooms moved) and
+    "miss_room", "miss_role", ... (calls that missed on that prediction, per batch) and
+    "gap_broker", "gap_notify", "gap_poll" (delivery's gap reads per send)."""
     out: dict[str, tuple[float, float]] = {}
     paths: dict[str, float] = {}
+    misses: dict[str, float] = {}
+    gaps: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "medrelay_send_batches":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     paths[sample.labels.get("path", "")] = sample.value
+            continue
+        if family.name == "medrelay_gap_reads":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    gaps[sample.labels.get("reason", "")] = sample.value
+            continue
+        if family.name == "medrelay_send_batch_misses":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    misses[sample.labels.get("prediction", "")] = sample.value
             continue
         if family.name not in (
             "medrelay_send_wait_seconds",
@@ -168,6 +183,12 @@ def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
             _sum_count(out, key, sample)
     if paths:
         out["one_trip"] = (paths.get("one_trip", 0.0), sum(paths.values()))
+        out["later_call"] = (paths.get("later_call", 0.0), sum(paths.values()))
+        for prediction, count in misses.items():  # missed calls per batch
+            out["miss_" + prediction] = (count, sum(paths.values()))
+    sends = out.get("wait", (0.0, 0.0))[1]
+    for reason, count in gaps.items():  # gap reads per send stored on this node
+        out["gap_" + reason] = (count, sends)
     return out
 
 
@@ -211,7 +232,18 @@ def describe_stages(stages: Mapping[str, float]) -> str:
     return (
         f"send store, mean ms: wait / call / begin / read / write / commit {parts}; "
         f"{stages.get('sends', math.nan):.1f} sends per batch, "
-        f"{stages.get('one_trip', math.nan):.0%} in one trip"
+        f"{stages.get('one_trip', math.nan):.0%} in one trip, "
+        f"{stages.get('later_call', math.nan):.0%} by a later call"
+        + "".join(
+            f", {key[5:]} misses {value:.0%}"
+            for key, value in sorted(stages.items())
+            if key.startswith("miss_") and value
+        )
+        + "".join(
+            f", {key[4:]} gap reads per send {value:.2f}"
+            for key, value in sorted(stages.items())
+            if key.startswith("gap_") and value
+        )
     )
 
 

@@ -69,6 +69,7 @@ def create_app(
         registry=registry,
         replay_batch=settings.limits.replay_batch,
         on_delivered=lambda n: metrics.deliveries.inc(n),
+        on_gap_read=lambda reason: metrics.gap_reads.labels(reason=reason).inc(),
     )
     gateway = Gateway(
         settings=settings,

@@ -153,6 +153,7 @@ class Delivery:
         registry: Registry,
         replay_batch: int,
         on_delivered: Callable[[int], None] | None = None,
+        on_gap_read: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -162,6 +163,9 @@ class Delivery:
         self.generation: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
+        self._on_gap_read = on_gap_read
+        """Called with ``broker``, ``notify`` or ``poll`` for each store read that fills a
+        room's gap, by what showed the gap (the app's metrics)."""
         self._notified: dict[str, int] = {}
         self.notify_grace = NOTIFY_GRACE_SECONDS
 
@@ -244,7 +248,7 @@ class Delivery:
             if seq <= hub.processed:
                 return
             if seq > hub.processed + 1:
-                await self._fill_gap(hub, seq - 1)
+                await self._fill_gap(hub, seq - 1, "broker")
             if seq == hub.processed + 1:
                 effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]), tuple(eff[3]))
                 self._process(hub, seq, kind, frame, effects)
@@ -259,7 +263,7 @@ class Delivery:
             if seq > hub.processed:
                 async with hub.lock:
                     if self.hubs.get(room) is hub:
-                        await self._fill_gap(hub, seq)
+                        await self._fill_gap(hub, seq, "poll")
             for conn in tuple(hub.conns):  # a catch-up that failed earlier starts again
                 cursor = conn.cursors.get(room)
                 if cursor is not None and cursor < hub.processed and room not in conn.catching_up:
@@ -293,7 +297,7 @@ class Delivery:
         if hub is None or seq <= hub.processed:
             return
         async with hub.lock:
-            await self._fill_gap(hub, seq)
+            await self._fill_gap(hub, seq, "notify")
 
     def notify(self, room: str, seq: int) -> None:
         """Synchronous entry for database notifications: schedule :meth:`wake` after
@@ -349,8 +353,10 @@ class Delivery:
             conn.abort(CloseCode.UNAVAILABLE, "stream generation changed; reconnect")
         return True
 
-    async def _fill_gap(self, hub: RoomHub, upto: int) -> None:
+    async def _fill_gap(self, hub: RoomHub, upto: int, reason: str) -> None:
         while hub.processed < upto:
+            if self._on_gap_read is not None:
+                self._on_gap_read(reason)
             events = await self.store.room_events(hub.room, hub.processed, limit=self.replay_batch)
             if not events:
                 return

@@ -42,7 +42,7 @@ class Metrics:
         )
         self.send_batch_seconds = Histogram(
             "medrelay_send_batch_seconds",
-            "A group-commit batch's stages: call (the one-trip call, stored or missed);"
+            "A group-commit batch's stages: call (the one-trip calls, stored or missed);"
             " then, run the usual way, begin (connection, BEGIN), read (room locks,"
             " senders' roles), write (events, last seqs, audit rows), commit (COMMIT)",
             ["stage"],
@@ -51,13 +51,24 @@ class Metrics:
         )
         self.send_batches = Counter(
             "medrelay_send_batches_total",
-            "Group-commit batches by path: one_trip (stored by one call), full (the usual"
-            " five round trips), after_miss (one call whose predictions missed, then full)",
+            "Group-commit batches by path: one_trip (stored by one call), later_call (earlier"
+            " calls found rooms moved on, a later one stored it), full (the usual five"
+            " round trips), after_miss (calls whose predictions missed, then full)",
             ["path"],
             registry=r,
         )
-        for path in ("one_trip", "full", "after_miss"):  # shown from the start, at 0
+        for path in ("one_trip", "later_call", "full", "after_miss"):  # shown from the start, at 0
             self.send_batches.labels(path=path)
+        self.send_batch_misses = Counter(
+            "medrelay_send_batch_misses_total",
+            "One-trip calls that stored nothing, by the prediction they found wrong: room (a"
+            " room's last seq, epoch or pending flag), role, retried (a send already stored),"
+            " head (this node's journal head)",
+            ["prediction"],
+            registry=r,
+        )
+        for prediction in ("room", "role", "retried", "head"):
+            self.send_batch_misses.labels(prediction=prediction)
         self.send_batch_sends = Histogram(
             "medrelay_send_batch_sends",
             "Sends per group-commit batch",
@@ -67,6 +78,16 @@ class Metrics:
         self.deliveries = Counter(
             "medrelay_deliveries_total", "Events queued to devices", registry=r
         )
+        self.gap_reads = Counter(
+            "medrelay_gap_reads_total",
+            "Store reads that filled a room's gap in delivery, by what showed it: broker (an"
+            " event arrived before an earlier one), notify (a database notification the"
+            " broker had not matched), poll (the slow poll)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("broker", "notify", "poll"):
+            self.gap_reads.labels(reason=reason)
         self.queue_depth = Gauge(
             "medrelay_outbound_queue_depth", "Frames waiting in outbound queues", registry=r
         )
@@ -90,10 +111,12 @@ class Metrics:
             self.send_wait_seconds.observe(wait)
         self.send_batch_sends.observe(len(times.waits))
         self.send_batches.labels(path=times.path).inc()
+        for miss in times.misses:
+            self.send_batch_misses.labels(prediction=miss).inc()
         stage = self.send_batch_seconds.labels
         if times.path != "full":
             stage(stage="call").observe(times.call)
-        if times.path == "one_trip":
+        if times.path in ("one_trip", "later_call"):
             return
         stage(stage="begin").observe(times.begin)
         stage(stage="read").observe(times.read)

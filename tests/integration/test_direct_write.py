@@ -70,11 +70,15 @@ async def test_send_store_time_is_exported(node: Harness) -> None:
     assert "medrelay_send_batch_sends_sum 3.0" in text
     assert f'medrelay_send_batches_total{{path="one_trip"}} {one_trip:.1f}' in text
     assert f'medrelay_send_batches_total{{path="full"}} {3 - one_trip:.1f}' in text
+    assert 'medrelay_send_batches_total{path="later_call"} 0.0' in text
     for stage in ("begin", "read", "write", "commit"):
         assert f'medrelay_send_batch_seconds_count{{stage="{stage}"}} {3 - one_trip:.1f}' in text
     # the bench reads the same names (``bench/stats.py``) for its per-window breakdown
     read = parse_send_stages(text)
-    expected = dict.fromkeys((*STAGES, "sends", "one_trip"), 3.0)
+    misses = tuple(f"miss_{p}" for p in ("room", "role", "retried", "head"))
+    gaps = tuple(f"gap_{r}" for r in ("broker", "notify", "poll"))  # per send
+    keys = (*STAGES, "sends", "one_trip", "later_call", *misses, *gaps)
+    expected = dict.fromkeys(keys, 3.0)
     expected.update(dict.fromkeys(("begin", "read", "write", "commit"), 3.0 - one_trip))
     expected["call"] = float(one_trip)
     assert {k: count for k, (_, count) in read.items() if count} == {
@@ -82,6 +86,8 @@ async def test_send_store_time_is_exported(node: Harness) -> None:
     }
     means = stage_means({}, read)
     assert means["sends"] == 1.0 and means.get("one_trip", 0.0) == one_trip / 3
+    # one node: its predictions held
+    assert means.get("later_call", 0.0) == 0.0 and all(means[k] == 0.0 for k in misses)
     assert all(0 < means[k] < 10 for k in STAGES if k != "wait" and k in means)
 
 

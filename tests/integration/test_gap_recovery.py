@@ -67,6 +67,9 @@ async def test_every_other_publish_lost_is_filled_from_the_store(tmp_path: Path)
         assert texts(got) == sent
         seqs = [m.seq for m in got if m.kind == "message"]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # each gap was shown by the next publish and read once (operators see the count)
+        reads = _gap_reads(h)
+        assert reads["broker"] == 5 and reads["poll"] == 0, reads
 
 
 async def test_silent_broker_is_caught_by_the_slow_poll(tmp_path: Path) -> None:
@@ -79,6 +82,16 @@ async def test_silent_broker_is_caught_by_the_slow_poll(tmp_path: Path) -> None:
         got = await collect_until(bob, sent[-1], timeout=10)
         assert texts(got) == sent
         assert broker.count >= len(sent)  # the broker really dropped them
+        assert _gap_reads(h)["poll"] >= 1
+
+
+def _gap_reads(h: Harness) -> dict[str, float]:
+    """``medrelay_gap_reads_total`` by reason, from the app's metrics."""
+    registry = h.gateway.metrics.registry
+    return {
+        reason: registry.get_sample_value("medrelay_gap_reads_total", {"reason": reason}) or 0.0
+        for reason in ("broker", "notify", "poll")
+    }
 
 
 class _Reads:

@@ -34,13 +34,16 @@ class Env:
         self.raw = raw
         self.clock = FakeClock()
         self.paths: dict[str, list[str]] = {}
+        self.misses: dict[str, list[tuple[str, ...]]] = {}
 
     async def open(self, node: str = "node-1", **kw: Any) -> SqlStore:
         store = await self.backend.open(node, clock=self.clock, **kw)
         paths = self.paths.setdefault(node, [])
+        misses = self.misses.setdefault(node, [])
 
         def observe(times: BatchTimes) -> None:
             paths.append(times.path)
+            misses.append(times.misses)
 
         store.observe_send_batches(observe)
         return store
@@ -110,7 +113,9 @@ async def test_the_same_rows_as_without_it(env: Env, other: Env) -> None:
     assert (await verify(env.backend._opened[0].database, [], b"")).ok
 
 
-async def test_a_room_moved_by_another_node_misses_then_stores(env: Env) -> None:
+async def test_a_room_moved_by_another_node_is_stored_by_a_second_call(env: Env) -> None:
+    """The first call finds the room moved on by node-2 and answers its state; the batch
+    is planned again from it and stored by the second call, not the usual way."""
     one = await env.open("node-1")
     two = await env.open("node-2")
     await new_room(one)
@@ -118,8 +123,42 @@ async def test_a_room_moved_by_another_node_misses_then_stores(env: Env) -> None
     assert (await send(one, mid=b"b" * 16)).event.seq == 4
     assert (await send(two, mid=b"c" * 16)).event.seq == 5
     assert (await send(one, mid=b"d" * 16)).event.seq == 6
-    assert env.paths["node-1"] == ["full", "one_trip", "after_miss"]
+    assert (await send(one, mid=b"e" * 16)).event.seq == 7
+    assert env.paths["node-1"] == ["full", "one_trip", "later_call", "one_trip"]
+    assert env.misses["node-1"] == [(), (), ("room",), ()]
     assert (await verify(one.database, [], b"")).ok
+    assert (await verify(two.database, [], b"")).ok
+
+
+async def test_a_call_answers_the_state_of_moved_rooms(env: Env) -> None:
+    """``medrelay_send_batch_or_state`` (migration 0011) answers 1 with every room's last
+    seq, epoch and pending flag in the order given, when any one moved; a room that does
+    not exist leaves the state out; other answers carry none."""
+    store = await env.open()
+    await new_room(store)
+    await new_room(store, "room-2")
+    await env.raw.execute("UPDATE rooms SET epoch = 3, pending_rekey = true WHERE room = 'room-2'")
+    rooms = sorted([ROOM, "room-2"])
+    seqs = [await env.raw.fetchval("SELECT last_seq FROM rooms WHERE room = $1", r) for r in rooms]
+    head = ("node-1", 1, 0, b"", 1, b"", 0)
+    call = (
+        "SELECT o_code, o_last, o_epochs, o_pending FROM medrelay_send_batch_or_state("
+        + ", ".join(f"${i + 1}" for i in range(18))
+        + ")"
+    )
+
+    async def answer(rooms: list[str], last: list[int]) -> tuple[Any, ...]:
+        n = len(rooms)
+        args = [rooms, last, [1] * n, [False] * n, last, [], [], [], [], "ch", *head, []]
+        return tuple(await env.raw.fetchrow(call, *args))
+
+    moved = [seqs[0], seqs[1] + 1]
+    epochs = [1 if r == ROOM else 3 for r in rooms]
+    pending = [r != ROOM for r in rooms]
+    assert await answer(rooms, moved) == (1, seqs, epochs, pending)
+    assert await answer([ROOM, "no-such-room"], [seqs[0], 1]) == (1, [seqs[0]], [1], [False])
+    # the room as predicted, and a journal head that is not node-1's: that check's answer
+    assert await answer([ROOM], [seqs[rooms.index(ROOM)]]) == (4, None, None, None)
 
 
 async def _room_with_bob(env: Env) -> SqlStore:
@@ -273,11 +312,12 @@ async def test_a_send_waiting_for_a_removal_in_one_trip_is_refused(env: Env) -> 
     await removal.commit()
     await asyncio.wait_for(refused(ErrorCode.FORBIDDEN, sending), 10)
     assert env.paths["node-1"] == ["full", "after_miss"]
+    assert env.misses["node-1"][1] == ("role",)  # the removal ended bob's membership
 
 
-async def test_another_nodes_notify_makes_the_next_batch_read(env: Env) -> None:
-    """Hearing another node's commit in a room (NOTIFY) drops the prediction, so the next
-    batch there reads the room instead of missing first."""
+async def test_another_nodes_notify_moves_the_prediction_on(env: Env) -> None:
+    """Hearing another node's commit in a room (NOTIFY) moves the predicted seq on, so the
+    next batch there is stored in one call instead of missing first."""
     one = await env.open("node-1")
     two = await env.open("node-2")
     await new_room(one)
@@ -302,8 +342,9 @@ async def test_another_nodes_notify_makes_the_next_batch_read(env: Env) -> None:
     finally:
         stop.set()
         await listening
-    # its own NOTIFYs kept the prediction; node-2's dropped it
-    assert env.paths["node-1"][own:] == ["one_trip", "full"]
+    # node-2's commit was heard before node-1's next batch was planned
+    assert env.paths["node-1"][own:] == ["one_trip", "one_trip"]
+    assert (await verify(one.database, [], b"")).ok
 
 
 async def _heard(heard: list[tuple[str, int]], what: tuple[str, int]) -> bool:

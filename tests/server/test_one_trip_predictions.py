@@ -1,13 +1,13 @@
 """What a node remembers to plan one-trip batches (``store/onetrip.py``, ``Predictions``):
-bounded, kept only for rooms and senders it read, and dropped when another node's commit
-is heard; its own commits are not news."""
+bounded, kept only for rooms and senders it read, moved on by the commits it hears and by
+the state a missed call answers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from medrelay_server.store.onetrip import SHARED_BATCHES, Predictions
+from medrelay_server.store.onetrip import Predictions
 
 
 def _send(room: str, user: str = "alice") -> dict[str, Any]:
@@ -46,40 +46,40 @@ def test_an_older_read_does_not_move_the_seq_back() -> None:
     assert p.lookup([_send("r")]) == ({"r": [9, 1, False]}, {("r", "alice"): "owner"})
 
 
-def test_another_nodes_commit_makes_the_room_read_for_a_while() -> None:
-    """Another node's commit: the room's state is read again, and the next
-    ``SHARED_BATCHES`` batches there run the usual way (a call would likely miss)."""
+def test_a_heard_commit_moves_the_seq_on() -> None:
+    """A commit heard in a room (this node's or another's NOTIFY) moves the predicted seq
+    on and keeps the epoch, pending flag and roles; an older one changes nothing."""
     p = Predictions()
     _learned(p, "r", 5)
     p.heard("r", 5)  # nothing new
-    assert p.lookup([_send("r")]) is not None
-    p.heard("r", 6)
-    for i in range(SHARED_BATCHES):
-        assert p.lookup([_send("r")]) is None
-        _learned(p, "r", 7 + i, bob="member")
-    assert p.lookup([_send("r", "bob")]) is not None
+    assert p.lookup([_send("r")]) == ({"r": [5, 1, False]}, {("r", "alice"): "owner"})
+    p.heard("r", 9)
+    p.heard("r", 7)  # heard late
+    assert p.lookup([_send("r")]) == ({"r": [9, 1, False]}, {("r", "alice"): "owner"})
+    p.sent({"r": 8})  # this node's own call, whose NOTIFY came first
+    assert p.lookup([_send("r")]) == ({"r": [9, 1, False]}, {("r", "alice"): "owner"})
+    p.heard("unknown", 3)
+    assert p.lookup([_send("unknown")]) is None
 
 
-def test_a_call_that_found_the_room_moved_makes_it_read_for_a_while() -> None:
+def test_a_missed_call_answers_the_rooms_state() -> None:
+    """The state a call answered replaces the prediction (a lower seq too: it was read
+    under the room's lock) and keeps the roles; a room it does not know stays unknown."""
+    p = Predictions()
+    _learned(p, "r", 5, alice="owner", bob="member")
+    p.restate({"r": (4, 2, True), "other": (1, 1, False)})
+    assert p.lookup([_send("r", "bob")]) == ({"r": [4, 2, True]}, {("r", "bob"): "member"})
+    assert p.lookup([_send("other")]) is None
+
+
+def test_a_moved_room_is_read_again() -> None:
     p = Predictions()
     _learned(p, "r")
-    _learned(p, "s")
-    p.moved(["r"], by_another=True)
-    p.moved(["s"])  # e.g. a retried send: read once
-    _learned(p, "r", 6)
-    _learned(p, "s", 6)
-    assert p.lookup([_send("r")]) is None and p.lookup([_send("s")]) is not None
-
-
-def test_own_commits_in_flight_are_not_news() -> None:
-    p = Predictions()
-    _learned(p, "r", 5)
-    p.sending({"r": 8})
-    p.heard("r", 8)  # this node's own NOTIFY, heard before its call returned
-    p.sent({"r": 8})
-    assert p.lookup([_send("r")]) == ({"r": [8, 1, False]}, {("r", "alice"): "owner"})
-    p.heard("r", 9)
+    p.moved(["r"])
+    p.heard("r", 9)  # a room whose state is unknown stays unknown
     assert p.lookup([_send("r")]) is None
+    _learned(p, "r", 6)
+    assert p.lookup([_send("r")]) is not None
 
 
 def test_moved_and_forgotten_rooms() -> None:

@@ -63,10 +63,16 @@ class BatchTimes:
     commit: float
     path: str = "full"
     """``one_trip`` (stored by one call: only ``call`` counts, the four stages are 0),
-    ``full`` (the usual way, not tried in one call) or ``after_miss`` (tried in one call,
-    a prediction missed, then the usual way)."""
+    ``later_call`` (earlier calls found rooms moved on and answered their state, a later
+    one stored the batch; only ``call`` counts), ``full`` (the usual way, not tried in
+    one call) or ``after_miss`` (tried in calls, a prediction missed, then the usual
+    way)."""
     call: float = 0.0
-    """The one-trip call's time, stored or missed."""
+    """The one-trip calls' time, stored or missed."""
+    misses: tuple[str, ...] = ()
+    """Which prediction each missed call found wrong: ``room`` (a room's last seq, epoch or
+    pending flag), ``role``, ``retried`` (a send already stored) or ``head`` (the journal
+    head)."""
 
 
 BatchObserver = Callable[[BatchTimes], None]
@@ -157,15 +163,15 @@ class GroupCommitter:
             trip = await self._one_trip.run(items, clock)
         if trip.outcomes is not None:
             self._answer(batch, list(trip.outcomes))
-            self._observe(batch, started, BatchTimes((), 0, 0, 0, 0, "one_trip", trip.seconds))
+            path = "one_trip" if trip.calls == 1 else "later_call"
+            times = BatchTimes((), 0, 0, 0, 0, path, trip.seconds, trip.misses)
+            self._observe(batch, started, times)
             return
         tried = clock()
         async with self._db.batch_write() as (conn, pg), self._writer.deferred(conn, pg=pg):
             begun = clock()
             sends = messages.SendBatch(conn, self._writer, pg=pg)
             outcomes = await sends.append_many(items)
-            if self._one_trip is not None:  # its own NOTIFYs are not news
-                self._one_trip.predictions.sending({r: v[0] for r, v in sends.state.items()})
             read = clock()
             await sends.finish()
             written = clock()
@@ -179,8 +185,9 @@ class GroupCommitter:
             read=read - begun,
             write=written - read,
             commit=committed - written,
-            path="full" if trip.miss is None else "after_miss",
+            path="after_miss" if trip.misses else "full",
             call=trip.seconds,
+            misses=trip.misses,
         )
         self._observe(batch, started, times)
 

@@ -42,30 +42,32 @@ DEFAULT_ROOMS = 4096
 DEFAULT_MEMBERS = 100_000
 """Members' roles remembered over all rooms (about 15 MB): large rooms leave fewer rooms."""
 
-SHARED_BATCHES = 16
-"""After another node's commit in a room, batches there run the usual way this many times
-before a call is tried again (in the two-node bench most calls in shared rooms missed)."""
+CALLS = 4
+"""Calls per batch at most: a call that finds a room moved on (another node committed
+there) returns the rooms' state, and the batch is planned again from it and called once
+more before it runs the usual way."""
 
 STORED, ROOM_MOVED, ROLE_CHANGED, RETRIED, HEAD_MOVED = range(5)
-"""``medrelay_send_batch``'s answers: stored, or which prediction failed."""
+"""``medrelay_send_batch_or_state``'s answers: stored, or which prediction failed."""
 MISSES = {ROOM_MOVED: "room", ROLE_CHANGED: "role", RETRIED: "retried", HEAD_MOVED: "head"}
 
-_CALL = "SELECT medrelay_send_batch(" + ", ".join(f"${i}" for i in range(1, 19)) + ")"
+_CALL = (  # constant text only: S608 cannot see that
+    "SELECT o_code, o_last, o_epochs, o_pending FROM medrelay_send_batch_or_state("  # noqa: S608
+    + ", ".join(f"${i}" for i in range(1, 19))
+    + ")"
+)
+
+_State = tuple[int, int, bool]
 
 
 @dataclass(slots=True)
 class _Room:
-    state: tuple[int, int, bool] | None
-    """(last seq, epoch, pending) as this node last left it; None once another node
-    moved the room on or a call found it moved (the next batch there reads it)."""
+    state: _State | None
+    """(last seq, epoch, pending) as last seen committed; None once a call found it moved
+    without saying how (the next batch there reads it)."""
     roles: dict[str, str] = field(default_factory=dict)
     """Members' current roles as last read: kept while the room's seq moves on (another
     node's send changes no role); dropped with the room when a call found one changed."""
-    sending: int = 0
-    """The last seq of this node's batch in flight: its own NOTIFY is not news."""
-    shared: int = 0
-    """Batches still to run the usual way here: another node commits in this room too, so
-    a call would likely miss (and cost a round trip) before reading it anyway."""
 
 
 class Predictions:
@@ -100,7 +102,7 @@ class Predictions:
         for kw in items:
             room, user = str(kw["room"]), str(kw["user"])
             known = self._rooms.get(room)
-            if known is None or known.state is None or known.shared or user not in known.roles:
+            if known is None or known.state is None or user not in known.roles:
                 return None
             if room not in state:
                 state[room] = list(known.state)
@@ -125,19 +127,11 @@ class Predictions:
                     known.state = (last_seq, epoch, bool(pending))
                 self._members += len(members[room]) - len(known.roles)
                 known.roles = members[room]
-                known.shared = max(0, known.shared - 1)
             self._rooms.move_to_end(room)
         while len(self._rooms) > self._max:
             self._members -= len(self._rooms.popitem(last=False)[1].roles)
         while self._members > self._max_members and len(self._rooms) > 1:
             self._members -= len(self._rooms.popitem(last=False)[1].roles)
-
-    def sending(self, last: dict[str, int]) -> None:
-        """This node is about to commit these rooms up to these seqs."""
-        for room, seq in last.items():
-            known = self._rooms.get(room)
-            if known is not None:
-                known.sending = max(known.sending, seq)
 
     def sent(self, last: dict[str, int]) -> None:
         for room, seq in last.items():
@@ -145,16 +139,20 @@ class Predictions:
             if known is not None and known.state is not None:
                 known.state = (max(known.state[0], seq), *known.state[1:])
 
-    def moved(self, rooms: Sequence[str], *, by_another: bool = False) -> None:
-        """The rooms' state is not what this node thought: read it next time.
-        ``by_another``: another node commits there, so the next :data:`SHARED_BATCHES`
-        batches there run the usual way."""
+    def restate(self, states: dict[str, _State]) -> None:
+        """A call found these rooms in these states (read under their locks); their
+        members' roles are kept (a call checks them apart)."""
+        for room, state in states.items():
+            known = self._rooms.get(room)
+            if known is not None:
+                known.state = state
+
+    def moved(self, rooms: Sequence[str]) -> None:
+        """The rooms' state is not what this node thought: read it next time."""
         for room in rooms:
             known = self._rooms.get(room)
             if known is not None:
                 known.state = None
-                if by_another:
-                    known.shared = SHARED_BATCHES
 
     def forget(self, rooms: Sequence[str]) -> None:
         for room in rooms:
@@ -163,22 +161,27 @@ class Predictions:
                 self._members -= len(known.roles)
 
     def heard(self, room: str, seq: int) -> None:
-        """Any node committed ``room`` up to ``seq`` (its NOTIFY): unless that was this
-        node's own, the room moved on without us, so the next batch there reads it."""
+        """A node committed ``room`` up to ``seq`` (its NOTIFY), this one or another: the
+        next batch there is planned after it. A send leaves the epoch and pending flag as
+        they were; a membership change that moved them makes the next call miss and
+        answer with the room's state."""
         known = self._rooms.get(room)
-        if known is not None and known.state is not None:
-            if seq > max(known.state[0], known.sending):
-                self.moved([room], by_another=True)
+        if known is not None and known.state is not None and seq > known.state[0]:
+            known.state = (seq, *known.state[1:])
 
 
 @dataclass(frozen=True, slots=True)
 class Trip:
-    """One call: the batch's outcomes if it was stored (None if a prediction missed, or
-    the batch was not tried), the call's time in seconds, and which miss."""
+    """One batch's calls: its outcomes if it was stored (None if every call missed, or
+    the batch was not tried), the calls' time in seconds, and each missed call's miss."""
 
     outcomes: list[AppendResult] | None
     seconds: float = 0.0
-    miss: str | None = None
+    misses: tuple[str, ...] = ()
+
+    @property
+    def calls(self) -> int:
+        return len(self.misses) + (self.outcomes is not None)
 
 
 NOT_TRIED = Trip(None)
@@ -208,10 +211,32 @@ class OneTrip:
         self, items: Sequence[dict[str, Any]], clock: Callable[[], float] = time.monotonic
     ) -> Trip:
         """Store the batch in one call if it can be planned from the predictions and they
-        hold. An error propagates with the batch's rooms forgotten (its retry reads them)."""
+        hold; if only rooms moved on, plan it again from the state the call answered and
+        call again (up to :data:`CALLS` calls). An error propagates with the batch's rooms
+        forgotten (its retry reads them)."""
+        seconds, misses = 0.0, tuple[str, ...]()
+        for _ in range(CALLS):
+            call = await self._call(items, clock)
+            if call is None:
+                break
+            outcomes, took, code, answered = call
+            seconds += took
+            if outcomes is not None:
+                return Trip(outcomes, seconds, misses)
+            misses += (MISSES.get(code, "unknown"),)
+            if answered is None:
+                break
+            self.predictions.restate(answered)
+        return Trip(None, seconds, misses)
+
+    async def _call(
+        self, items: Sequence[dict[str, Any]], clock: Callable[[], float]
+    ) -> tuple[list[AppendResult] | None, float, int, dict[str, _State] | None] | None:
+        """One call: (outcomes if stored, its time, its answer, the rooms' state if it
+        answered with it), or None if the batch cannot be planned from the predictions."""
         known = self.predictions.lookup(items)
         if known is None:
-            return NOT_TRIED
+            return None
         state, roles = known
         before = {room: tuple(values) for room, values in state.items()}
         stored: dict[tuple[str, str, bytes], StoredEvent] = {}
@@ -222,12 +247,12 @@ class OneTrip:
             try:
                 outcome, audit = plan_send(kw, state, roles, stored, new)
             except RequestError:  # refused only from what was read under the locks
-                return NOT_TRIED
+                return None
             outcomes.append(outcome)
             records.extend(audit)
         taken = self._writer.plan_one_trip(records)
         if taken is None:
-            return NOT_TRIED
+            return None
         rooms = sorted(state)
         last = {room: int(state[room][0]) for room in rooms}
         args = [
@@ -241,22 +266,36 @@ class OneTrip:
             *taken.condition,
             pg_audit_rows(taken.entries),
         ]
-        self.predictions.sending(last)
         started = clock()
         try:
             async with self.connection.statement() as pg, raw_errors():
-                code = await pg.fetchval(_CALL, *args)
+                row = await pg.fetchrow(_CALL, *args)
         except BaseException:  # stored or not is unknown: plan from the stored state
             self._writer.one_trip_done(taken, stored=False, head_moved=True)
             self.predictions.forget(rooms)
             raise
         seconds = clock() - started
+        assert row is not None  # a function's one row
+        code = int(row[0])
         self._writer.one_trip_done(taken, stored=code == STORED, head_moved=code == HEAD_MOVED)
+        if code == STORED:
+            self.predictions.sent(last)
+            return outcomes, seconds, code, None
+        answered = _answered(rooms, row) if code == ROOM_MOVED else None
         if code == ROLE_CHANGED:  # which member's role is not known: read them all again
             self.predictions.forget(rooms)
-        elif code != STORED:
-            self.predictions.moved(rooms, by_another=code == ROOM_MOVED)
-        if code != STORED:
-            return Trip(None, seconds, MISSES.get(code, "unknown"))
-        self.predictions.sent(last)
-        return Trip(outcomes, seconds)
+        elif answered is None:
+            self.predictions.moved(rooms)
+        return None, seconds, code, answered
+
+
+def _answered(rooms: list[str], row: Any) -> dict[str, _State] | None:
+    """The rooms' state as a call that found one moved answered it (None if a room is
+    gone)."""
+    last, epochs, pending = row[1], row[2], row[3]
+    if last is None or len(last) != len(rooms):
+        return None
+    return {
+        room: (int(seq), int(epoch), bool(flag))
+        for room, seq, epoch, flag in zip(rooms, last, epochs, pending, strict=True)
+    }
