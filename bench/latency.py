@@ -1,7 +1,7 @@
 """Send-to-deliver latency at fixed send rates, and where each send's store time went.
 
     python -m bench.latency [--database postgres] [--room-size 10] [--rates 5 20 600]
-        [--rooms 30] [--receipt-interval 1.0]
+        [--rooms 30] [--receipt-interval 1.0] [--nodes 2 [--redis URL]]
 
 One medrelay node and the bare relay, each with the same rooms (three of 10 and one of 50,
 or ``--rooms`` of the chosen size), get the same schedule: one window per rate (sends/s into
@@ -14,13 +14,16 @@ of each system's own maximum; this one compares them at the same load, from an i
 upwards, so a floor (what one send costs alone) shows apart from queueing. Receipts are off
 unless ``--receipt-interval`` gives each receiving device's seconds between cumulative
 receipts, as the consult scenario sends them (the bare relay has none): the delivery
-journal then stores receipts in its flushes too.
+journal then stores receipts in its flushes too. ``--nodes 2`` runs medrelay as two nodes of
+one deployment over Redis (PostgreSQL), each room's devices split between them, as the
+``cluster`` scenario does; the cores line then shows each node's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,12 +72,22 @@ def main() -> None:
         default=0.0,
         help="seconds between a receiving device's cumulative receipts per room (0: none)",
     )
+    parser.add_argument(
+        "--nodes", type=int, choices=(1, 2), default=1, help="medrelay nodes (2: over Redis)"
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+        help="the broker of two nodes (default $BENCH_REDIS or %(default)s)",
+    )
     args = parser.parse_args()
     raise_nofile()
     rooms = f"consult{args.room_size}"
     rates = args.rates or [5.0, 20.0, 600.0 if args.room_size == 10 else 350.0]
     if args.database == "postgres" and not asyncio.run(db.pg_available()):
         parser.error("PostgreSQL is not available on 127.0.0.1:5432")
+    if args.nodes > 1 and (args.database != "postgres" or not db.redis_available(args.redis)):
+        parser.error(f"two nodes need PostgreSQL and Redis ({args.redis})")
     workdir = Path(tempfile.mkdtemp(prefix="medrelay-latency-"))
     sizes = Sizes(3, 1, 0, 0, 0, 0)
     if args.rooms is not None:
@@ -89,10 +102,14 @@ def main() -> None:
             "bare relay", "baseline", build(sizes, medrelay=False, extra=False), workdir, workers=2
         )
         b = _run(bare, rooms, rates, args.seconds, 0.0)
-        label = f"medrelay ({name})"
+        label = f"medrelay ({name})" if args.nodes == 1 else f"medrelay (2 nodes, {name})"
+        # two nodes: names carry a per-run prefix (broker topics are named after them)
+        prefix = f"l{os.urandom(3).hex()}-" if args.nodes > 1 else ""
+        topo = build(sizes, medrelay=True, extra=False, prefix=prefix)
         medrelay = System(
-            label, "medrelay", build(sizes, medrelay=True, extra=False), workdir, workers=2,
-            database=args.database, breakdown=True, activity_interval=0.01,
+            label, "medrelay", topo, workdir, workers=2, database=args.database,
+            breakdown=True, activity_interval=0.01, nodes=args.nodes,
+            broker_url=args.redis if args.nodes > 1 else None,
         )  # fmt: skip
         m = _run(medrelay, rooms, rates, args.seconds, args.receipt_interval)
     finally:
