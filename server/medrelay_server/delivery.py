@@ -166,7 +166,9 @@ class Delivery:
         self._on_gap_read = on_gap_read
         """Called with ``broker``, ``notify`` or ``poll`` for each store read that fills a
         room's gap, by what showed the gap (the app's metrics)."""
-        self._notified: dict[str, int] = {}
+        self._notified: dict[str, list[int]] = {}
+        """Per room with a wake scheduled: [the seq that wake checks, the newest notified
+        since it was scheduled (checked by the next wake)]."""
         self.notify_grace = NOTIFY_GRACE_SECONDS
 
     # subscriptions ---------------------------------------------------------------------
@@ -300,22 +302,33 @@ class Delivery:
             await self._fill_gap(hub, seq, "notify")
 
     def notify(self, room: str, seq: int) -> None:
-        """Synchronous entry for database notifications: schedule :meth:`wake` after
-        ``notify_grace`` seconds, one per room however many notifications arrive meanwhile.
-        The NOTIFY is a backstop for a lost broker publish; it usually arrives before this
-        node has even published its own send, and waking at once would read from the
-        database what the broker is about to deliver (bench.costs: one read per send)."""
+        """Synchronous entry for database notifications: check a notified seq with
+        :meth:`wake` once ``notify_grace`` seconds have passed since it was notified, with
+        one wake per room scheduled at a time however many notifications arrive. The NOTIFY
+        is a backstop for a lost broker publish; it usually arrives before this node has
+        even published its own send, and waking at once would read from the database what
+        the broker is about to deliver (bench.costs: one read per send). A wake checks only
+        seqs notified at least that long ago: one that checked the newest seq of a busy
+        room, notified just before, read from the database what the broker was still
+        delivering (``docs/performance.md``, "Eleventh round")."""
         if room not in self.hubs:
             return
-        target = self._notified.get(room)
-        self._notified[room] = seq if target is None else max(target, seq)
-        if target is None:
+        pending = self._notified.get(room)
+        if pending is None:
+            self._notified[room] = [seq, seq]
             asyncio.get_running_loop().call_later(self.notify_grace, self._wake_notified, room)
+        else:
+            pending[1] = max(pending[1], seq)
 
     def _wake_notified(self, room: str) -> None:
-        seq = self._notified.pop(room, None)
-        if seq is not None:
-            self._spawn(self.wake(room, seq))
+        pending = self._notified.pop(room, None)
+        if pending is None:
+            return
+        due, newest = pending
+        self._spawn(self.wake(room, due))
+        if newest > due:  # notified since this wake was scheduled: its own grace from now
+            self._notified[room] = [newest, newest]
+            asyncio.get_running_loop().call_later(self.notify_grace, self._wake_notified, room)
 
     async def poll_forever(self, interval: float) -> None:
         """The slow poll of every subscribed room's last seq (and of the stream generation)."""
