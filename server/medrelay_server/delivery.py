@@ -39,6 +39,13 @@ USER_TOPIC = "user:"
 RECEIVE_KINDS_FOR_DEVICE_ROLE = frozenset({"roster", "rekey"})
 NOTIFY_GRACE_SECONDS = 0.1
 """How long a database notification waits for the broker to deliver the same event."""
+REORDER_GRACE_SECONDS = 0.05
+"""How long an event that arrived on the broker before an earlier one waits for it there,
+before the gap is read from the store."""
+EARLY_EVENTS = 64
+EARLY_BYTES = 1024 * 1024
+"""Per room, at most this many events (and frame bytes) wait for an earlier one; beyond
+that the gap is read from the store at once."""
 
 
 def event_frame(ev: StoredEvent) -> bytes:
@@ -142,6 +149,12 @@ class RoomHub:
         self.members = members
         self.conns: set[Connection] = set()
         self.lock = asyncio.Lock()
+        self.early: dict[int, tuple[str, bytes, Effects]] = {}
+        """Events that arrived on the broker before an earlier one, by seq: where two
+        nodes commit in one room, each publishes after its own commit, so the later seq
+        can arrive first. They wait up to ``reorder_grace`` for the earlier one."""
+        self.early_bytes = 0
+        self.reorder: asyncio.TimerHandle | None = None
 
 
 class Delivery:
@@ -170,6 +183,7 @@ class Delivery:
         """Per room with a wake scheduled: [the seq that wake checks, the newest notified
         since it was scheduled (checked by the next wake)]."""
         self.notify_grace = NOTIFY_GRACE_SECONDS
+        self.reorder_grace = REORDER_GRACE_SECONDS
 
     # subscriptions ---------------------------------------------------------------------
     async def attach_user(self, conn: Connection) -> None:
@@ -246,14 +260,55 @@ class Delivery:
         hub = self.hubs.get(room)
         if hub is None:
             return
+        effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]), tuple(eff[3]))
+        if (
+            seq > hub.processed + 1
+            and not hub.lock.locked()
+            and len(hub.early) < EARLY_EVENTS
+            and hub.early_bytes + len(frame) <= EARLY_BYTES
+        ):  # an earlier event is likely still on its way: wait for it a little
+            if seq not in hub.early:
+                hub.early[seq] = (kind, frame, effects)
+                hub.early_bytes += len(frame)
+            if hub.reorder is None:
+                loop = asyncio.get_running_loop()
+                hub.reorder = loop.call_later(self.reorder_grace, self._reorder_expired, hub)
+            return
         async with hub.lock:
             if seq <= hub.processed:
                 return
             if seq > hub.processed + 1:
                 await self._fill_gap(hub, seq - 1, "broker")
             if seq == hub.processed + 1:
-                effects = Effects(dict(eff[0]), tuple(eff[1]), dict(eff[2]), tuple(eff[3]))
                 self._process(hub, seq, kind, frame, effects)
+            self._drain_early(hub)
+
+    def _drain_early(self, hub: RoomHub) -> None:
+        """Process the events that waited for the ones now processed, in seq order; drop
+        those the store supplied meanwhile. Under the hub's lock."""
+        while hub.early:
+            item = hub.early.pop(hub.processed + 1, None)
+            if item is None:
+                break
+            hub.early_bytes -= len(item[1])
+            self._process(hub, hub.processed + 1, *item)
+        for seq in [s for s in hub.early if s <= hub.processed]:
+            hub.early_bytes -= len(hub.early.pop(seq)[1])
+        if not hub.early and hub.reorder is not None:
+            hub.reorder.cancel()
+            hub.reorder = None
+
+    def _reorder_expired(self, hub: RoomHub) -> None:
+        hub.reorder = None
+        if hub.early and self.hubs.get(hub.room) is hub:
+            self._spawn(self._fill_early(hub))
+
+    async def _fill_early(self, hub: RoomHub) -> None:
+        """The earlier events did not come on the broker (a publish lost, or a node slow to
+        publish): read what lies before the waiting ones from the store."""
+        async with hub.lock:
+            if hub.early:
+                await self._fill_gap(hub, max(hub.early), "broker")
 
     async def resync(self) -> None:
         """Bring every local room up to the store's last seq: after a broker reconnect (a
@@ -367,6 +422,12 @@ class Delivery:
         return True
 
     async def _fill_gap(self, hub: RoomHub, upto: int, reason: str) -> None:
+        """Process the room's events up to ``upto`` from the store, then any that waited
+        for them (``hub.early``). Under the hub's lock."""
+        await self._read_gap(hub, upto, reason)
+        self._drain_early(hub)
+
+    async def _read_gap(self, hub: RoomHub, upto: int, reason: str) -> None:
         while hub.processed < upto:
             if self._on_gap_read is not None:
                 self._on_gap_read(reason)

@@ -67,9 +67,10 @@ async def test_every_other_publish_lost_is_filled_from_the_store(tmp_path: Path)
         assert texts(got) == sent
         seqs = [m.seq for m in got if m.kind == "message"]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-        # each gap was shown by the next publish and read once (operators see the count)
+        # each gap was shown by a later publish, which waited a little for the lost one and
+        # then read it (one read may fill several gaps); operators see the count
         reads = _gap_reads(h)
-        assert reads["broker"] == 5 and reads["poll"] == 0, reads
+        assert 1 <= reads["broker"] <= 5 and reads["poll"] == 0, reads
 
 
 async def test_silent_broker_is_caught_by_the_slow_poll(tmp_path: Path) -> None:

@@ -1,13 +1,27 @@
-"""Database notifications are a backstop for lost broker publishes (``Delivery.notify``): a
-notified seq is checked against what the broker delivered only once ``notify_grace`` has
-passed since that seq was notified, so a busy room whose newest commit is still on its way
-through the broker costs no store read. Unit test: the store is a stub that counts reads."""
+"""Delivery reads a room's gap from the store only when the broker will not fill it:
+
+* database notifications are a backstop for lost broker publishes (``Delivery.notify``): a
+  notified seq is checked against what the broker delivered only once ``notify_grace`` has
+  passed since that seq was notified, so a busy room whose newest commit is still on its way
+  through the broker costs no store read;
+* an event that arrives on the broker before an earlier one (two nodes commit in one room,
+  each publishes after its own commit) waits up to ``reorder_grace`` for it; events are
+  still processed strictly in seq order.
+
+Unit tests: the store is a stub that counts reads."""
 
 from __future__ import annotations
 
 from typing import cast
 
-from medrelay_server.delivery import Delivery, Registry, RoomHub, broker_message
+from medrelay_server.delivery import (
+    EARLY_EVENTS,
+    Delivery,
+    Effects,
+    Registry,
+    RoomHub,
+    broker_message,
+)
 from medrelay_server.fanout.memory import InMemoryBroker
 from medrelay_server.gateway.connection import Connection
 from medrelay_server.store.base import Store, StoredEvent
@@ -51,6 +65,15 @@ class _Setup:
             replay_batch=100,
         )
         self.delivery.notify_grace = 0.05
+        self.delivery.reorder_grace = 0.05
+        self.processed: list[int] = []
+        process = self.delivery._process
+
+        def recorded(hub: RoomHub, seq: int, kind: str, frame: bytes, eff: Effects) -> None:
+            self.processed.append(seq)
+            process(hub, seq, kind, frame, eff)
+
+        self.delivery._process = recorded  # type: ignore[method-assign]
         self.hub = RoomHub(ROOM, 4, {})
         self.hub.conns.add(cast(Connection, _Listener()))  # a hub lives while it has any
         self.delivery.hubs[ROOM] = self.hub
@@ -106,3 +129,43 @@ async def test_many_notifications_keep_one_wake_per_room() -> None:
         s.delivery.notify(ROOM, seq)
     assert s.delivery._notified == {ROOM: [5, 199]}
     assert s.wakes == []
+
+
+async def test_an_event_ahead_of_an_earlier_one_waits_for_it_on_the_broker() -> None:
+    s = _Setup()
+    s.reads.last = 7
+    await s.broker(7)
+    await s.broker(6)
+    assert s.processed == [] and sorted(s.hub.early) == [6, 7]
+    await s.broker(5)
+    assert s.processed == [5, 6, 7] and s.hub.processed == 7
+    assert s.hub.early == {} and s.hub.early_bytes == 0 and s.hub.reorder is None
+    assert s.reads.calls == []
+    await s.broker(6)  # a duplicate: nothing
+    assert s.processed == [5, 6, 7]
+
+
+async def test_an_earlier_event_lost_on_the_broker_is_read_after_the_grace() -> None:
+    s = _Setup()
+    s.reads.last = 6
+    await s.broker(6)  # 5 was lost
+
+    async def caught_up() -> bool:
+        return s.hub.processed == 6
+
+    await until(caught_up)
+    assert s.processed == [5, 6] and s.reads.calls == [4]
+    assert s.hub.early == {} and s.hub.early_bytes == 0
+
+
+async def test_events_waiting_for_an_earlier_one_are_bounded() -> None:
+    """Past ``EARLY_EVENTS`` waiting, the next one reads the gap at once."""
+    s = _Setup()
+    first, last = 6, 6 + EARLY_EVENTS
+    s.reads.last = last
+    for seq in range(first, last):
+        await s.broker(seq)
+    assert len(s.hub.early) == EARLY_EVENTS and s.processed == []
+    await s.broker(last)
+    assert s.processed == list(range(5, last + 1)) and s.reads.calls == [4]
+    assert s.hub.early == {} and s.hub.reorder is None
