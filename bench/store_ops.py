@@ -4,7 +4,8 @@
 
 Opens a fresh database (PostgreSQL: a throwaway schema in the ``test`` database), makes one
 room with ten members, then times N calls of each operation the gateway makes per send and
-per receipt, sequentially and with 32 sends in flight (the group commit's case). Printed per
+per receipt, sequentially and with 32 sends in flight (the group commit's case), then
+delivery's reads of ten events (a gap, a device's catch-up). Printed per
 operation: wall µs and process CPU µs per call. Beside them, the bare floor: the same number
 of ``SELECT 1`` round trips through the raw driver, measured in the same run.
 """
@@ -145,6 +146,26 @@ async def run(
         out.append(("record_receipt (write)", *await _timed(n, receipt, 1)))
         out.append(
             ("receipt_of (read)", *await _timed(n, lambda i: store.receipt_of(ROOM, "u1-1"), 1))
+        )
+        # delivery's reads: a gap of ten events, and a device's catch-up of ten
+        last = state.last_seq + 2 * n
+        out.append(
+            (
+                "room_events (read, 10 events)",
+                *await _timed(n, lambda i: store.room_events(ROOM, last - 10, limit=100), 1),
+            )
+        )
+        out.append(
+            (
+                "events_after (read, 10 events)",
+                *await _timed(
+                    n,
+                    lambda i: store.events_after(
+                        ROOM, last - 10, user="u3", device="u3-1", limit=100
+                    ),
+                    1,
+                ),
+            )
         )
         return out
     finally:
