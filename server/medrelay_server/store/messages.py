@@ -320,7 +320,7 @@ async def append_message(
     return outcome
 
 
-def _visible_to(user: str) -> sa.ColumnElement[bool]:
+def _visible_to(user: str | sa.BindParameter[str]) -> sa.ColumnElement[bool]:
     e, m, g = t.events.c, t.memberships.c, t.grants.c
     interval = sa.exists().where(
         m.room == e.room,
@@ -335,7 +335,7 @@ def _visible_to(user: str) -> sa.ColumnElement[bool]:
     return sa.or_(interval, grant)
 
 
-def _with_wrap(device: str) -> sa.Select[tuple[object, ...]]:
+def _with_wrap(device: str | sa.BindParameter[str]) -> sa.Select[tuple[object, ...]]:
     e, w = t.events.c, t.wraps.c
     joined = t.events.outerjoin(
         t.wraps, sa.and_(w.room == e.room, w.seq == e.seq, w.device_id == device)
@@ -351,41 +351,54 @@ def _events_of(rows: Sequence[sa.Row[tuple[object, ...]]]) -> list[StoredEvent]:
     return out
 
 
+def _read_statements() -> dict[str, Any]:
+    """Delivery's and history's reads, built once with bind parameters (``room``, ``seq``,
+    ``user``, ``device``, ``limit``): building and cache-keying them per call was about half
+    of a gap read's CPU (``bench.store_ops``)."""
+    e = t.events.c
+    room = sa.bindparam("room", type_=sa.String)
+    seq = sa.bindparam("seq", type_=sa.BigInteger)
+    limit = sa.bindparam("limit", type_=sa.Integer)
+    visible = _with_wrap(sa.bindparam("device")).where(
+        e.room == room, _visible_to(sa.bindparam("user"))
+    )
+    return {
+        "after": visible.where(e.seq > seq).order_by(e.seq).limit(limit),
+        "before": visible.where(e.seq < seq).order_by(e.seq.desc()).limit(limit),
+        "room": sa.select(*EVENT_COLUMNS)
+        .where(e.room == room, e.seq > seq)
+        .order_by(e.seq)
+        .limit(limit),
+    }
+
+
+_READS = _read_statements()
+_NO_SEQ = 2**62
+"""``events_before`` with no upper seq: larger than any seq."""
+
+
 async def events_after(
     conn: AsyncConnection, room: str, after_seq: int, *, user: str, device: str, limit: int
 ) -> list[StoredEvent]:
-    e = t.events.c
-    query = (
-        _with_wrap(device)
-        .where(e.room == room, e.seq > after_seq, _visible_to(user))
-        .order_by(e.seq)
-        .limit(max(limit, 0))
-    )
-    return _events_of((await conn.execute(query)).all())
+    args = {"room": room, "seq": after_seq, "user": user, "device": device}
+    result = await conn.execute(_READS["after"], {**args, "limit": max(limit, 0)})
+    return _events_of(result.all())
 
 
 async def events_before(
     conn: AsyncConnection, room: str, before_seq: int, *, user: str, device: str, limit: int
 ) -> list[StoredEvent]:
-    e = t.events.c
-    query = _with_wrap(device).where(e.room == room, _visible_to(user))
-    if before_seq > 0:
-        query = query.where(e.seq < before_seq)
-    query = query.order_by(e.seq.desc()).limit(max(limit, 0))
-    return _events_of((await conn.execute(query)).all())[::-1]
+    seq = before_seq if before_seq > 0 else _NO_SEQ
+    args = {"room": room, "seq": seq, "user": user, "device": device}
+    result = await conn.execute(_READS["before"], {**args, "limit": max(limit, 0)})
+    return _events_of(result.all())[::-1]
 
 
 async def room_events(
     conn: AsyncConnection, room: str, after_seq: int, *, limit: int
 ) -> list[StoredEvent]:
-    e = t.events.c
-    query = (
-        sa.select(*EVENT_COLUMNS)
-        .where(e.room == room, e.seq > after_seq)
-        .order_by(e.seq)
-        .limit(max(limit, 0))
-    )
-    return [event_of(row) for row in await conn.execute(query)]
+    args = {"room": room, "seq": after_seq, "limit": max(limit, 0)}
+    return [event_of(row) for row in await conn.execute(_READS["room"], args)]
 
 
 async def visible(conn: AsyncConnection, room: str, seq: int, user: str) -> bool:
