@@ -468,7 +468,12 @@ async def record_receipts(
         await conn.execute(_RECEIPT_UPSERT[conn.dialect.name], rows)
 
 
+_RECEIPT_OF = sa.select(t.receipts.c.seq).where(
+    t.receipts.c.room == sa.bindparam("room", type_=sa.String),
+    t.receipts.c.device_id == sa.bindparam("device", type_=sa.String),
+)
+
+
 async def receipt_of(conn: AsyncConnection, room: str, device: str) -> int:
-    r = t.receipts.c
-    query = sa.select(r.seq).where(r.room == room, r.device_id == device)
-    return int((await conn.execute(query)).scalar_one_or_none() or 0)
+    args = {"room": room, "device": device}
+    return int((await conn.execute(_RECEIPT_OF, args)).scalar_one_or_none() or 0)

@@ -227,10 +227,25 @@ async def roster_entries(conn: AsyncConnection, room: str) -> list[bytes]:
     return [bytes(e) for e in (await conn.execute(query)).scalars()]
 
 
+# reads built once with bind parameters: building and cache-keying a select per call cost
+# more than running it (bench.store_ops)
+_MEMBERS = sa.select(t.memberships.c.user_id, t.memberships.c.role).where(
+    t.memberships.c.room == sa.bindparam("room", type_=sa.String),
+    t.memberships.c.to_seq.is_(None),
+)
+_ROOMS_FOR_USER = (
+    sa.select(t.rooms, t.memberships.c.role)
+    .join(t.memberships, t.rooms.c.room == t.memberships.c.room)
+    .where(
+        t.memberships.c.user_id == sa.bindparam("user", type_=sa.String),
+        t.memberships.c.to_seq.is_(None),
+    )
+    .order_by(t.rooms.c.room)
+)
+
+
 async def members(conn: AsyncConnection, room: str) -> dict[str, str]:
-    m = t.memberships.c
-    query = sa.select(m.user_id, m.role).where(m.room == room, m.to_seq.is_(None))
-    return {row.user_id: row.role for row in await conn.execute(query)}
+    return {row.user_id: row.role for row in await conn.execute(_MEMBERS, {"room": room})}
 
 
 IN_CHUNK = 500
@@ -262,11 +277,5 @@ async def current_rooms(conn: AsyncConnection, users: Sequence[str]) -> dict[str
 
 
 async def rooms_for_user(conn: AsyncConnection, user: str) -> list[tuple[RoomState, str]]:
-    m = t.memberships.c
-    query = (
-        sa.select(t.rooms, m.role)
-        .join(t.memberships, t.rooms.c.room == m.room)
-        .where(m.user_id == user, m.to_seq.is_(None))
-        .order_by(t.rooms.c.room)
-    )
-    return [(room_state_of(row), row.role) for row in await conn.execute(query)]
+    rows = await conn.execute(_ROOMS_FOR_USER, {"user": user})
+    return [(room_state_of(row), row.role) for row in rows]

@@ -67,15 +67,23 @@ async def lock_room(conn: AsyncConnection, room: str) -> RoomState:
     return room_state_of(row)
 
 
+# reads built once with bind parameters: building and cache-keying a select per call cost
+# more than running it (bench.store_ops)
+_GET_ROOM = sa.select(t.rooms).where(t.rooms.c.room == sa.bindparam("room", type_=sa.String))
+_CURRENT_ROLE = sa.select(t.memberships.c.role).where(
+    t.memberships.c.room == sa.bindparam("room", type_=sa.String),
+    t.memberships.c.user_id == sa.bindparam("user", type_=sa.String),
+    t.memberships.c.to_seq.is_(None),
+)
+
+
 async def get_room(conn: AsyncConnection, room: str) -> RoomState | None:
-    row = (await conn.execute(sa.select(t.rooms).where(t.rooms.c.room == room))).one_or_none()
+    row = (await conn.execute(_GET_ROOM, {"room": room})).one_or_none()
     return None if row is None else room_state_of(row)
 
 
 async def current_role(conn: AsyncConnection, room: str, user: str) -> str | None:
-    m = t.memberships.c
-    query = sa.select(m.role).where(m.room == room, m.user_id == user, m.to_seq.is_(None))
-    return (await conn.execute(query)).scalar_one_or_none()
+    return (await conn.execute(_CURRENT_ROLE, {"room": room, "user": user})).scalar_one_or_none()
 
 
 EVENTS_CHANNEL = "medrelay_events"

@@ -61,6 +61,15 @@ JOURNAL_SLICE = 100
 """Records per statement of a delivery journal flush (``SqlStore.journal``)."""
 
 
+_GENERATION = sa.select(t.meta.c.value).where(t.meta.c.key == "generation")
+_GENERATION_AND_TIMELINE = sa.select(
+    t.meta.c.value,
+    sa.select(sa.column("timeline_id"))
+    .select_from(sa.func.pg_control_checkpoint())
+    .scalar_subquery(),
+).where(t.meta.c.key == "generation")
+
+
 class SqlStore:
     """The durable store. ``url`` is a SQLAlchemy URL (``sqlite://`` and ``postgresql://``
     select the async drivers); ``schema`` (PostgreSQL only) puts every table into that
@@ -142,6 +151,9 @@ class SqlStore:
         if one_trip_sends and journal and not self._db.is_sqlite:
             one_trip = OneTrip(self._db, self.writer)
         self._one_trip = one_trip
+        self._timeline_readable = True
+        """PostgreSQL: False once reading the timeline was refused (a role without the
+        privilege): the generation is then the id alone, read in one statement."""
         self._group = (
             GroupCommitter(self._db, self.writer, depth=batches_in_flight, one_trip=one_trip)
             if group_commit
@@ -171,22 +183,17 @@ class SqlStore:
         """The stream generation: the database's random id, plus PostgreSQL's timeline when
         this role may read it (a promoted standby has a new timeline). It changes when the
         database is restored or failed over, which is when seqs may have been reused."""
+        if not self._db.is_sqlite and self._timeline_readable:
+            try:  # every handshake asks: one statement, not two
+                async with self._db.read() as conn:
+                    row = (await conn.execute(_GENERATION_AND_TIMELINE)).one()
+                return f"{row[0]}.{row[1]}"
+            except StoreUnavailable:
+                raise
+            except Exception:  # no privilege to read the control file: the id alone
+                self._timeline_readable = False
         async with self._db.read() as conn:
-            value = (
-                await conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == "generation"))
-            ).scalar_one()
-        if self._db.is_sqlite:
-            return str(value)
-        try:
-            async with self._db.read() as conn:
-                timeline = (
-                    await conn.execute(sa.text("SELECT timeline_id FROM pg_control_checkpoint()"))
-                ).scalar_one()
-        except StoreUnavailable:
-            raise
-        except Exception:  # no privilege to read the control file: the id alone
-            return str(value)
-        return f"{value}.{timeline}"
+            return str((await conn.execute(_GENERATION)).scalar_one())
 
     async def new_generation(self) -> str:
         """Give the database a new stream generation (after restoring a backup)."""
