@@ -146,7 +146,8 @@ def parse_send_stages(text: str) -> dict[str, tuple[float, float]]:
     one trip, all batches) as "one_trip", so that its mean is the one-trip share, and
     likewise "later_call" (stored by a later call after earlier ones found rooms moved) and
     "miss_room", "miss_role", ... (calls that missed on that prediction, per batch) and
-    "gap_broker", "gap_notify", "gap_poll" (delivery's gap reads per send)."""
+    "gap_broker", "gap_notify", "gap_reconnect", "gap_poll" (delivery's gap reads per
+    send)."""
     out: dict[str, tuple[float, float]] = {}
     paths: dict[str, float] = {}
     misses: dict[str, float] = {}

@@ -177,8 +177,8 @@ class Delivery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
         self._on_gap_read = on_gap_read
-        """Called with ``broker``, ``notify`` or ``poll`` for each store read that fills a
-        room's gap, by what showed the gap (the app's metrics)."""
+        """Called with ``broker``, ``notify``, ``reconnect`` or ``poll`` for each store read
+        that fills a room's gap, by what showed the gap (the app's metrics)."""
         self._notified: dict[str, list[int]] = {}
         """Per room with a wake scheduled: [the seq that wake checks, the newest notified
         since it was scheduled (checked by the next wake)]."""
@@ -211,6 +211,7 @@ class Delivery:
         hub.conns.discard(conn)
         if not hub.conns:
             del self.hubs[room]
+            _forget_early(hub)
             await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
 
     async def _hub(self, room: str) -> RoomHub:
@@ -303,14 +304,26 @@ class Delivery:
         if hub.early and self.hubs.get(hub.room) is hub:
             self._spawn(self._fill_early(hub))
 
+    def _rearm(self, hub: RoomHub) -> None:
+        """Events still wait (a read failed, or found less than they wait for): try again
+        after another grace, so none waits for the slow poll in a quiet room."""
+        if hub.early and hub.reorder is None and self.hubs.get(hub.room) is hub:
+            loop = asyncio.get_running_loop()
+            hub.reorder = loop.call_later(self.reorder_grace, self._reorder_expired, hub)
+
     async def _fill_early(self, hub: RoomHub) -> None:
         """The earlier events did not come on the broker (a publish lost, or a node slow to
         publish): read what lies before the waiting ones from the store."""
-        async with hub.lock:
-            if hub.early:
-                await self._fill_gap(hub, max(hub.early), "broker")
+        try:
+            async with hub.lock:
+                if hub.early:
+                    await self._fill_gap(hub, max(hub.early), "broker")
+        except Exception as exc:  # the store is away: the waiting events wait on
+            log.warning("reading a room's gap failed (%s); retrying", type(exc).__name__)
+        finally:
+            self._rearm(hub)
 
-    async def resync(self) -> None:
+    async def resync(self, reason: str = "poll") -> None:
         """Bring every local room up to the store's last seq: after a broker reconnect (a
         publish may have been lost while disconnected) and on the slow poll, so a silent
         broker or a crash between commit and publish never stalls delivery (I8)."""
@@ -320,7 +333,7 @@ class Delivery:
             if seq > hub.processed:
                 async with hub.lock:
                     if self.hubs.get(room) is hub:
-                        await self._fill_gap(hub, seq, "poll")
+                        await self._fill_gap(hub, seq, reason)
             for conn in tuple(hub.conns):  # a catch-up that failed earlier starts again
                 cursor = conn.cursors.get(room)
                 if cursor is not None and cursor < hub.processed and room not in conn.catching_up:
@@ -345,7 +358,7 @@ class Delivery:
                         self._spawn(self.subscribe(conn, room, 0))
 
     async def on_broker_reconnect(self) -> None:
-        await self.resync()
+        await self.resync("reconnect")
         await self.resync_users()
 
     async def wake(self, room: str, seq: int) -> None:
@@ -414,7 +427,7 @@ class Delivery:
         log.warning("stream generation changed; closing every connection to resynchronise")
         self.generation = current
         for room in list(self.hubs):
-            del self.hubs[room]
+            _forget_early(self.hubs.pop(room))
             await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
         for conn in self.registry.all():
             conn.cursors.clear()
@@ -434,10 +447,10 @@ class Delivery:
             events = await self.store.room_events(hub.room, hub.processed, limit=self.replay_batch)
             if not events:
                 return
-            for ev in events:
-                if ev.seq > upto:
-                    return
-                self._process(hub, ev.seq, ev.kind, event_frame(ev), parse_effects(ev))
+            for ev in events:  # all of them: committed, in order (later broker copies
+                # are dropped as already processed), so none is read twice
+                if ev.seq == hub.processed + 1:
+                    self._process(hub, ev.seq, ev.kind, event_frame(ev), parse_effects(ev))
 
     def _process(self, hub: RoomHub, seq: int, kind: str, frame: bytes, eff: Effects) -> None:
         hub.processed = seq
@@ -462,6 +475,7 @@ class Delivery:
                     conn.abort(CloseCode.DEVICE_REVOKED, "this device was revoked")
         if not hub.conns and self.hubs.get(hub.room) is hub:
             del self.hubs[hub.room]
+            _forget_early(hub)
             self._spawn(self.broker.unsubscribe(ROOM_TOPIC + hub.room, self._on_room_message))
 
     def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> bool:
@@ -531,3 +545,12 @@ class Delivery:
             task.cancel()
         for conn in self.registry.all():
             conn.abort(CloseCode.SERVER_SHUTDOWN, "server shutting down")
+
+
+def _forget_early(hub: RoomHub) -> None:
+    """A hub dropped: its waiting events and their timer go with it."""
+    if hub.reorder is not None:
+        hub.reorder.cancel()
+        hub.reorder = None
+    hub.early.clear()
+    hub.early_bytes = 0

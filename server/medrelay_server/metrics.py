@@ -81,12 +81,13 @@ class Metrics:
         self.gap_reads = Counter(
             "medrelay_gap_reads_total",
             "Store reads that filled a room's gap in delivery, by what showed it: broker (an"
-            " event arrived before an earlier one), notify (a database notification the"
-            " broker had not matched), poll (the slow poll)",
+            " event arrived before an earlier one, which did not come within 50 ms), notify"
+            " (a database notification the broker had not matched), reconnect (the broker"
+            " connection came back), poll (the slow poll)",
             ["reason"],
             registry=r,
         )
-        for reason in ("broker", "notify", "poll"):
+        for reason in ("broker", "notify", "reconnect", "poll"):
             self.gap_reads.labels(reason=reason)
         self.queue_depth = Gauge(
             "medrelay_outbound_queue_depth", "Frames waiting in outbound queues", registry=r

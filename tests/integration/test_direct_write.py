@@ -76,7 +76,7 @@ async def test_send_store_time_is_exported(node: Harness) -> None:
     # the bench reads the same names (``bench/stats.py``) for its per-window breakdown
     read = parse_send_stages(text)
     misses = tuple(f"miss_{p}" for p in ("room", "role", "retried", "head"))
-    gaps = tuple(f"gap_{r}" for r in ("broker", "notify", "poll"))  # per send
+    gaps = tuple(f"gap_{r}" for r in ("broker", "notify", "reconnect", "poll"))  # per send
     keys = (*STAGES, "sends", "one_trip", "later_call", *misses, *gaps)
     expected = dict.fromkeys(keys, 3.0)
     expected.update(dict.fromkeys(("begin", "read", "write", "commit"), 3.0 - one_trip))
