@@ -1,8 +1,9 @@
 """PostgreSQL: a send batch planned from what the node remembers is stored in one call
-(``store/onetrip.py``, ``medrelay_send_batch``), and any prediction that no longer holds
-(room moved on, role changed, send already stored, journal head moved or taken over)
-stores nothing and runs the batch the usual way, with the same outcome as without the
-one-trip path."""
+(``store/onetrip.py``, ``medrelay_send_batch_or_state``), and any prediction that no longer
+holds (room moved on, role changed, send already stored, journal head moved or taken over)
+stores nothing. A room moved on by another node is answered with its state and the batch
+is called again; any other miss runs the batch the usual way, with the same outcome as
+without the one-trip path."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ import pytest
 from medrelay_protocol.codes import ErrorCode
 from medrelay_server.clock import FakeClock
 from medrelay_server.journal.verify import verify
-from medrelay_server.store.base import AuditRecord, NodeFenced
+from medrelay_server.store.base import AuditRecord, MembershipChange, NodeFenced
 from medrelay_server.store.group import BatchTimes
+from medrelay_server.store.onetrip import CALLS
 from medrelay_server.store.sql import SqlStore
 
 from ..polling import until
 from .conftest import PG_URL, StoreBackend, _drop_schema
 from .test_send_locks import DSN, held_removal, waiting_on_a_lock
-from .test_store_contract import NOW, ROOM, new_room, refused, send
+from .test_store_contract import NOW, ROOM, change, new_room, refused, send
 
 pytestmark = pytest.mark.postgres
 
@@ -138,8 +140,11 @@ async def test_a_call_answers_the_state_of_moved_rooms(env: Env) -> None:
     await new_room(store)
     await new_room(store, "room-2")
     await env.raw.execute("UPDATE rooms SET epoch = 3, pending_rekey = true WHERE room = 'room-2'")
-    rooms = sorted([ROOM, "room-2"])
-    seqs = [await env.raw.fetchval("SELECT last_seq FROM rooms WHERE room = $1", r) for r in rooms]
+    rooms = sorted([ROOM, "room-2"], reverse=True)  # not the order the locks are taken in
+    seq = {
+        r: await env.raw.fetchval("SELECT last_seq FROM rooms WHERE room = $1", r) for r in rooms
+    }
+    seqs = [seq[r] for r in rooms]
     head = ("node-1", 1, 0, b"", 1, b"", 0)
     call = (
         "SELECT o_code, o_last, o_epochs, o_pending FROM medrelay_send_batch_or_state("
@@ -152,13 +157,50 @@ async def test_a_call_answers_the_state_of_moved_rooms(env: Env) -> None:
         args = [rooms, last, [1] * n, [False] * n, last, [], [], [], [], "ch", *head, []]
         return tuple(await env.raw.fetchrow(call, *args))
 
-    moved = [seqs[0], seqs[1] + 1]
+    moved = [seq[r] + (r == ROOM) for r in rooms]
     epochs = [1 if r == ROOM else 3 for r in rooms]
     pending = [r != ROOM for r in rooms]
     assert await answer(rooms, moved) == (1, seqs, epochs, pending)
-    assert await answer([ROOM, "no-such-room"], [seqs[0], 1]) == (1, [seqs[0]], [1], [False])
+    assert await answer([ROOM, "no-such-room"], [seq[ROOM], 1]) == (1, [seq[ROOM]], [1], [False])
     # the room as predicted, and a journal head that is not node-1's: that check's answer
-    assert await answer([ROOM], [seqs[rooms.index(ROOM)]]) == (4, None, None, None)
+    assert await answer([ROOM], [seq[ROOM]]) == (4, None, None, None)
+
+
+async def test_a_removal_by_another_node_is_refused_by_the_second_call(env: Env) -> None:
+    """I2 on the second call: node-2 removes bob (the room's seq moves, a rekey is
+    pending, the epoch stays). node-1's first call finds the room moved and is answered its
+    state; planned again, bob's urgent send passes the pending flag, and the second call
+    finds bob's role gone: nothing is stored, and the usual way refuses it."""
+    one = await env.open("node-1")
+    two = await env.open("node-2")
+    await new_room(one)
+    await change(one, 2, MembershipChange(add={"bob": "member"}))
+    await send(one, "bob", mid=b"a" * 16)  # node-1 learns the room and bob's role
+    await change(two, 3, MembershipChange(remove=["bob"]), pending=True)
+    events = await env.raw.fetchval("SELECT count(*) FROM events")
+    await refused(ErrorCode.FORBIDDEN, send(one, "bob", mid=b"b" * 16, allow_pending=True))
+    assert env.paths["node-1"][-1] == "after_miss"
+    assert env.misses["node-1"][-1] == ("room", "role")
+    assert await env.raw.fetchval("SELECT count(*) FROM events") == events
+    assert (await verify(one.database, [], b"")).ok
+
+
+async def test_after_four_missed_calls_the_usual_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room that moves on before every call (here: the answered state is not taken in)
+    is called ``CALLS`` times, then stored the usual way."""
+    one = await env.open("node-1")
+    two = await env.open("node-2")
+    await new_room(one)
+    await send(one, mid=b"a" * 16)
+    await send(two, mid=b"b" * 16)
+    assert one._one_trip is not None
+    monkeypatch.setattr(one._one_trip.predictions, "restate", lambda states: None)
+    stored = await send(one, mid=b"c" * 16)
+    assert stored.event.seq == 5
+    assert env.paths["node-1"][-1] == "after_miss"
+    assert env.misses["node-1"][-1] == ("room",) * CALLS
 
 
 async def _room_with_bob(env: Env) -> SqlStore:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from medrelay_server.store.onetrip import Predictions
+from medrelay_server.store.onetrip import Predictions, _answered
 
 
 def _send(room: str, user: str = "alice") -> dict[str, Any]:
@@ -63,13 +63,30 @@ def test_a_heard_commit_moves_the_seq_on() -> None:
 
 
 def test_a_missed_call_answers_the_rooms_state() -> None:
-    """The state a call answered replaces the prediction (a lower seq too: it was read
-    under the room's lock) and keeps the roles; a room it does not know stays unknown."""
+    """The state a call answered replaces the prediction and keeps the roles; a room it
+    does not know stays unknown; a later seq heard before the answer arrived is kept."""
     p = Predictions()
     _learned(p, "r", 5, alice="owner", bob="member")
-    p.restate({"r": (4, 2, True), "other": (1, 1, False)})
-    assert p.lookup([_send("r", "bob")]) == ({"r": [4, 2, True]}, {("r", "bob"): "member"})
+    p.restate({"r": (6, 2, True), "other": (1, 1, False)})
+    assert p.lookup([_send("r", "bob")]) == ({"r": [6, 2, True]}, {("r", "bob"): "member"})
     assert p.lookup([_send("other")]) is None
+    p.heard("r", 8)  # a commit after the call's read, heard before its answer
+    p.restate({"r": (7, 2, False)})
+    assert p.lookup([_send("r")]) == ({"r": [8, 2, True]}, {("r", "alice"): "owner"})
+    p.moved(["r"])  # unknown: any answer is news
+    p.restate({"r": (3, 1, False)})
+    assert p.lookup([_send("r")]) == ({"r": [3, 1, False]}, {("r", "alice"): "owner"})
+
+
+def test_an_answer_missing_a_room_is_no_state() -> None:
+    """A room whose row is gone leaves the answered arrays short: the call's answer is
+    then no state at all (the rooms are read the usual way)."""
+    assert _answered(["a", "b"], (1, [5], [1], [False])) is None
+    assert _answered(["a"], (4, None, None, None)) is None
+    assert _answered(["a", "b"], (1, [5, 9], [1, 2], [False, True])) == {
+        "a": (5, 1, False),
+        "b": (9, 2, True),
+    }
 
 
 def test_a_moved_room_is_read_again() -> None:

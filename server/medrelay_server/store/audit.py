@@ -308,7 +308,7 @@ class ChainWriter:
         self._deferred[id(conn)].extend(taken.records)
 
     def plan_one_trip(self, records: list[AuditRecord]) -> KnownHead | None:
-        """A one-trip batch (``medrelay_send_batch``): ``records`` chained after the head
+        """A one-trip call (``medrelay_send_batch_or_state``): ``records`` chained after the head
         this writer last wrote (or after the batch in flight's planned tail), for the call
         to store if the head still matches; report the outcome with :meth:`one_trip_done`.
         None when there is no remembered head (the batch then runs the usual way)."""

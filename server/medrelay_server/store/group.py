@@ -15,7 +15,9 @@ never fails its neighbours.
 
 On PostgreSQL a batch whose rooms and senders this node knows is first tried in one call
 (:mod:`.onetrip`): it stores the batch if the node's predictions hold and stores nothing if
-not, and the batch then runs the usual way. Batches of any size (up to ``max_batch``) take
+not. A call that found a room moved on by another node answers the rooms' state and the
+batch is called again from it (up to ``onetrip.CALLS`` calls); any other miss runs the
+batch the usual way. Batches of any size (up to ``max_batch``) take
 that call: the bound of four sends it once had hid a cached plan that scanned all of
 ``events`` (``engine``: plan_cache_mode).
 

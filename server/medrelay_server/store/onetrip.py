@@ -9,14 +9,19 @@ roles, and its own journal head.
 
 So the node plans the batch from what it remembers (:class:`Predictions`), exactly as
 ``SendBatch`` would plan it from what it reads (:func:`~.messages.plan_send`), and sends
-the plan and the predictions in one call of ``medrelay_send_batch`` (migrations 0007-0010). The
-call is its own transaction. It locks the rooms in room order, then checks every
-prediction with statements that see everything committed before the locks were granted,
-and writes only if all hold. A removal committed just before is therefore seen exactly as
-``SendBatch``'s own read sees it (I2): it moved the room's last seq, so the call writes
-nothing. Any miss (and any batch whose plan refuses a send: a refusal is only ever made
-from what was read under the locks) runs the usual way, which then teaches the node the
-rooms' state again.
+the plan and the predictions in one call of ``medrelay_send_batch_or_state`` (migration
+0011, amending 0007-0010's ``medrelay_send_batch``). The call is its own transaction. It
+locks the rooms in room order, then checks every prediction with statements that see
+everything committed before the locks were granted, and writes only if all hold. A removal
+committed just before is therefore seen exactly as ``SendBatch``'s own read sees it (I2):
+it moved the room's last seq and ended the member's role, so the call writes nothing.
+
+Where nodes share a room, the other node's commits move its last seq between this node's
+plan and its call. Such a call answers every room's state as it read it under the locks;
+the batch is planned again from that (roles are still checked by the next call) and called
+again, up to :data:`CALLS` calls. Any other miss, the last call's miss, and any batch whose
+plan refuses a send (a refusal is only ever made from what was read under the locks) run
+the usual way, which then teaches the node the rooms' state again.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ DEFAULT_MEMBERS = 100_000
 
 CALLS = 4
 """Calls per batch at most: a call that finds a room moved on (another node committed
-there) returns the rooms' state, and the batch is planned again from it and called once
-more before it runs the usual way."""
+there) returns the rooms' state, and the batch is planned again from it and called again,
+up to this many calls in all, before it runs the usual way."""
 
 STORED, ROOM_MOVED, ROLE_CHANGED, RETRIED, HEAD_MOVED = range(5)
 """``medrelay_send_batch_or_state``'s answers: stored, or which prediction failed."""
@@ -141,10 +146,11 @@ class Predictions:
 
     def restate(self, states: dict[str, _State]) -> None:
         """A call found these rooms in these states (read under their locks); their
-        members' roles are kept (a call checks them apart)."""
+        members' roles are kept (a call checks them apart). A later seq heard meanwhile
+        (another commit's NOTIFY, arrived before the answer) is kept."""
         for room, state in states.items():
             known = self._rooms.get(room)
-            if known is not None:
+            if known is not None and (known.state is None or state[0] >= known.state[0]):
                 known.state = state
 
     def moved(self, rooms: Sequence[str]) -> None:

@@ -10,7 +10,8 @@ other's locks (``docs/performance.md``, "Eleventh round").
 This function does the same checks and writes (0010's text, amended below) and, when a
 room moved, also returns every room's last seq, epoch and pending flag as it read them under
 the locks, in the order of ``p_rooms`` (a room that does not exist is left out). The node
-plans the batch again from them and calls once more, two round trips instead of six. It
+plans the batch again from them and calls again (up to four calls in all): usually two round
+trips instead of six. It
 returns a row ``(o_code, o_last, o_epochs, o_pending)``; the arrays are NULL unless
 ``o_code`` is 1.
 
