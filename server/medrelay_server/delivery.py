@@ -46,6 +46,8 @@ EARLY_EVENTS = 64
 EARLY_BYTES = 1024 * 1024
 """Per room, at most this many events (and frame bytes) wait for an earlier one; beyond
 that the gap is read from the store at once."""
+EARLY_BYTES_ALL = 32 * 1024 * 1024
+"""The same bound over all rooms of the node."""
 
 
 def event_frame(ev: StoredEvent) -> bytes:
@@ -184,6 +186,9 @@ class Delivery:
         since it was scheduled (checked by the next wake)]."""
         self.notify_grace = NOTIFY_GRACE_SECONDS
         self.reorder_grace = REORDER_GRACE_SECONDS
+        self.early_bytes_limit = EARLY_BYTES_ALL
+        self.early_bytes = 0
+        """Frame bytes waiting for an earlier event, over all rooms."""
 
     # subscriptions ---------------------------------------------------------------------
     async def attach_user(self, conn: Connection) -> None:
@@ -211,7 +216,7 @@ class Delivery:
         hub.conns.discard(conn)
         if not hub.conns:
             del self.hubs[room]
-            _forget_early(hub)
+            self._forget_early(hub)
             await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
 
     async def _hub(self, room: str) -> RoomHub:
@@ -267,10 +272,12 @@ class Delivery:
             and not hub.lock.locked()
             and len(hub.early) < EARLY_EVENTS
             and hub.early_bytes + len(frame) <= EARLY_BYTES
+            and self.early_bytes + len(frame) <= self.early_bytes_limit
         ):  # an earlier event is likely still on its way: wait for it a little
             if seq not in hub.early:
                 hub.early[seq] = (kind, frame, effects)
                 hub.early_bytes += len(frame)
+                self.early_bytes += len(frame)
             if hub.reorder is None:
                 loop = asyncio.get_running_loop()
                 hub.reorder = loop.call_later(self.reorder_grace, self._reorder_expired, hub)
@@ -292,12 +299,24 @@ class Delivery:
             if item is None:
                 break
             hub.early_bytes -= len(item[1])
+            self.early_bytes -= len(item[1])
             self._process(hub, hub.processed + 1, *item)
         for seq in [s for s in hub.early if s <= hub.processed]:
-            hub.early_bytes -= len(hub.early.pop(seq)[1])
+            size = len(hub.early.pop(seq)[1])
+            hub.early_bytes -= size
+            self.early_bytes -= size
         if not hub.early and hub.reorder is not None:
             hub.reorder.cancel()
             hub.reorder = None
+
+    def _forget_early(self, hub: RoomHub) -> None:
+        """A hub dropped: its waiting events and their timer go with it."""
+        if hub.reorder is not None:
+            hub.reorder.cancel()
+            hub.reorder = None
+        hub.early.clear()
+        self.early_bytes -= hub.early_bytes
+        hub.early_bytes = 0
 
     def _reorder_expired(self, hub: RoomHub) -> None:
         hub.reorder = None
@@ -427,7 +446,7 @@ class Delivery:
         log.warning("stream generation changed; closing every connection to resynchronise")
         self.generation = current
         for room in list(self.hubs):
-            _forget_early(self.hubs.pop(room))
+            self._forget_early(self.hubs.pop(room))
             await self.broker.unsubscribe(ROOM_TOPIC + room, self._on_room_message)
         for conn in self.registry.all():
             conn.cursors.clear()
@@ -475,7 +494,7 @@ class Delivery:
                     conn.abort(CloseCode.DEVICE_REVOKED, "this device was revoked")
         if not hub.conns and self.hubs.get(hub.room) is hub:
             del self.hubs[hub.room]
-            _forget_early(hub)
+            self._forget_early(hub)
             self._spawn(self.broker.unsubscribe(ROOM_TOPIC + hub.room, self._on_room_message))
 
     def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> bool:
@@ -545,12 +564,3 @@ class Delivery:
             task.cancel()
         for conn in self.registry.all():
             conn.abort(CloseCode.SERVER_SHUTDOWN, "server shutting down")
-
-
-def _forget_early(hub: RoomHub) -> None:
-    """A hub dropped: its waiting events and their timer go with it."""
-    if hub.reorder is not None:
-        hub.reorder.cancel()
-        hub.reorder = None
-    hub.early.clear()
-    hub.early_bytes = 0

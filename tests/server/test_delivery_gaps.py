@@ -253,3 +253,29 @@ async def test_a_removal_that_waited_still_cuts_its_member_off_at_its_seq() -> N
     assert bob.taken == [5, 6] and ROOM not in bob.cursors
     assert "bob" not in s.hub.members and cast(Any, bob) not in s.hub.conns
     assert s.reads.calls == []
+
+
+async def test_events_waiting_over_all_rooms_are_bounded() -> None:
+    """The node-wide bound (``early_bytes_limit``): once the rooms' waiting frames reach
+    it, an event ahead in another room reads its gap at once; the count goes back to
+    zero as the events are processed, and when a hub is dropped."""
+    s = _Setup()
+    other = RoomHub("ward-8", 4, {})
+    other.conns.add(cast(Connection, _Device("carol", closed=True)))
+    s.delivery.hubs["ward-8"] = other
+    frame = len(event_frame(_event(6)))
+    s.delivery.early_bytes_limit = 2 * frame
+    s.reads.last = 7
+    for seq in (6, 7):  # two frames wait in ward-7: the node's bound is reached
+        await s.broker(seq)
+    assert s.delivery.early_bytes == 2 * frame
+    ahead = StoredEvent("ward-8", 6, "message", "dev-a", "alice", 0, b"x" * 64, b"m" * 16)
+    await s.delivery._on_room_message("room:ward-8", broker_message(ahead))
+    assert other.early == {} and other.processed == 7  # read at once (the stub's events)
+    assert s.reads.calls == [4]
+    await s.broker(5)  # ward-7's wait ends
+    assert s.processed[-3:] == [5, 6, 7] and s.delivery.early_bytes == 0
+    await s.broker(9)  # waits again; the hub is then dropped with it
+    assert s.delivery.early_bytes == frame
+    s.delivery._forget_early(s.delivery.hubs.pop(ROOM))
+    assert s.delivery.early_bytes == 0 and s.hub.reorder is None
