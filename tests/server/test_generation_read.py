@@ -4,7 +4,6 @@ id alone, and later calls no longer try the timeline."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -12,25 +11,16 @@ import pytest
 import sqlalchemy as sa
 from medrelay_server.store import schema as t
 from medrelay_server.store import sql
-from medrelay_server.store.sql import SqlStore
 
-from .conftest import PG_URL, StoreBackend, _drop_schema
-from .test_send_locks import DSN
+from .test_one_trip import Env, _env
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[tuple[SqlStore, asyncpg.Connection]]:
-    schema = "gen_" + secrets.token_hex(6)
-    backend = StoreBackend("postgres", PG_URL, schema)
-    raw = await asyncpg.connect(DSN, server_settings={"search_path": schema})
-    try:
-        yield await backend.open(), raw
-    finally:
-        await raw.close()
-        await backend.close_all()
-        await _drop_schema(schema)
+async def env() -> AsyncIterator[Env]:
+    async for e in _env():
+        yield e
 
 
 async def _expected(raw: asyncpg.Connection) -> tuple[str, int]:
@@ -40,9 +30,9 @@ async def _expected(raw: asyncpg.Connection) -> tuple[str, int]:
 
 
 async def test_the_id_and_the_timeline_in_one_read(
-    pg: tuple[SqlStore, asyncpg.Connection], monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, raw = pg
+    store, raw = await env.open(), env.raw
     reads = [0]
     read = store.database.read
 
@@ -59,12 +49,10 @@ async def test_the_id_and_the_timeline_in_one_read(
     assert await store.generation() == f"{new}.{timeline}"
 
 
-async def test_without_the_timeline_the_id_alone(
-    pg: tuple[SqlStore, asyncpg.Connection], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_without_the_timeline_the_id_alone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused timeline read (here: a function that is not there, as a role without the
     privilege is refused) leaves the id alone, and later calls read only the id."""
-    store, raw = pg
+    store, raw = await env.open(), env.raw
     refused = sa.select(t.meta.c.value, sa.func.medrelay_no_such_function()).where(
         t.meta.c.key == "generation"
     )
