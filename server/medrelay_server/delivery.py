@@ -278,9 +278,7 @@ class Delivery:
                 hub.early[seq] = (kind, frame, effects)
                 hub.early_bytes += len(frame)
                 self.early_bytes += len(frame)
-            if hub.reorder is None:
-                loop = asyncio.get_running_loop()
-                hub.reorder = loop.call_later(self.reorder_grace, self._reorder_expired, hub)
+            self._arm_reorder(hub)
             return
         async with hub.lock:
             if seq <= hub.processed:
@@ -294,20 +292,20 @@ class Delivery:
     def _drain_early(self, hub: RoomHub) -> None:
         """Process the events that waited for the ones now processed, in seq order; drop
         those the store supplied meanwhile. Under the hub's lock."""
-        while hub.early:
-            item = hub.early.pop(hub.processed + 1, None)
-            if item is None:
-                break
-            hub.early_bytes -= len(item[1])
-            self.early_bytes -= len(item[1])
+        while (item := self._pop_early(hub, hub.processed + 1)) is not None:
             self._process(hub, hub.processed + 1, *item)
         for seq in [s for s in hub.early if s <= hub.processed]:
-            size = len(hub.early.pop(seq)[1])
-            hub.early_bytes -= size
-            self.early_bytes -= size
+            self._pop_early(hub, seq)
         if not hub.early and hub.reorder is not None:
             hub.reorder.cancel()
             hub.reorder = None
+
+    def _pop_early(self, hub: RoomHub, seq: int) -> tuple[str, bytes, Effects] | None:
+        item = hub.early.pop(seq, None)
+        if item is not None:
+            hub.early_bytes -= len(item[1])
+            self.early_bytes -= len(item[1])
+        return item
 
     def _forget_early(self, hub: RoomHub) -> None:
         """A hub dropped: its waiting events and their timer go with it."""
@@ -323,9 +321,10 @@ class Delivery:
         if hub.early and self.hubs.get(hub.room) is hub:
             self._spawn(self._fill_early(hub))
 
-    def _rearm(self, hub: RoomHub) -> None:
-        """Events still wait (a read failed, or found less than they wait for): try again
-        after another grace, so none waits for the slow poll in a quiet room."""
+    def _arm_reorder(self, hub: RoomHub) -> None:
+        """Events wait for an earlier one: read the gap a grace from now unless it comes
+        (after a read that failed or found less than they wait for, too, so none waits
+        for the slow poll in a quiet room)."""
         if hub.early and hub.reorder is None and self.hubs.get(hub.room) is hub:
             loop = asyncio.get_running_loop()
             hub.reorder = loop.call_later(self.reorder_grace, self._reorder_expired, hub)
@@ -340,7 +339,7 @@ class Delivery:
         except Exception as exc:  # the store is away: the waiting events wait on
             log.warning("reading a room's gap failed (%s); retrying", type(exc).__name__)
         finally:
-            self._rearm(hub)
+            self._arm_reorder(hub)
 
     async def resync(self, reason: str = "poll") -> None:
         """Bring every local room up to the store's last seq: after a broker reconnect (a
