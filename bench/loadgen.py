@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import multiprocessing as mp
 import os
 import random
@@ -37,6 +38,7 @@ from .wsraw import WsClient, client_frame, open_ws
 
 KEY_SHIFT = 40
 RECEIPT_INTERVAL = 1.0  # seconds between a device's cumulative receipts for a room
+RECEIPT_TICK = 0.01  # how often the receipt timer looks for devices due
 
 
 @dataclass
@@ -290,21 +292,39 @@ class Worker:
         return on_frame
 
     async def _receipt_loop(self) -> None:
-        """Cumulative receipts ("up to seq N"), one per room per interval when it moved."""
+        """Cumulative receipts ("up to seq N"), one per room per interval when it moved.
+
+        Each device keeps its own period (0.5 to 1.5 intervals) from its own random phase,
+        as independent devices do. One timer for all of a generator's devices (before 29
+        November) sent a receipt from every one of its ~225 devices in the same instant,
+        a burst no population makes, and the sends behind it waited for it."""
+        due: list[tuple[float, int]] = []  # a heap of (next receipt time, member index)
+        known = 0
         while True:
-            interval = self.receipt_interval or 1.0
-            await asyncio.sleep(interval * (0.5 + random.random()))
-            if self.system != "medrelay" or not self.receipt_interval:
+            await asyncio.sleep(RECEIPT_TICK)
+            interval = self.receipt_interval
+            if self.system != "medrelay" or not interval:
                 continue
-            for m in self.members:
-                ws = m.ws
-                if ws is None or ws.is_closed or not m.spec.receives:
-                    continue
-                for r, seq in m.last_seq.items():
-                    if m.receipted.get(r, 0) < seq:
-                        m.receipted[r] = seq
-                        ws.send(codec.encode(Receipt(room=self.rooms[r].name, seq=seq)))
-                        self.receipts_sent += 1
+            now = time.monotonic()
+            if known > len(self.members):  # the members were closed: start again
+                due, known = [], 0
+            while known < len(self.members):  # members joined since: a random phase each
+                heapq.heappush(due, (now + interval * random.random(), known))
+                known += 1
+            while due and due[0][0] <= now:
+                _, i = heapq.heappop(due)
+                heapq.heappush(due, (now + interval * (0.5 + random.random()), i))
+                self._send_receipts(self.members[i])
+
+    def _send_receipts(self, m: Member) -> None:
+        ws = m.ws
+        if ws is None or ws.is_closed or not m.spec.receives:
+            return
+        for r, seq in m.last_seq.items():
+            if m.receipted.get(r, 0) < seq:
+                m.receipted[r] = seq
+                ws.send(codec.encode(Receipt(room=self.rooms[r].name, seq=seq)))
+                self.receipts_sent += 1
 
     # ----------------------------------------------------------------- a timed window
     async def op_prepare(self, streams: list[dict[str, Any]], duration: float) -> dict[str, Any]:
