@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  set-up done at {time.monotonic() - t_begin:.0f} s")
         consult_best: dict[str, float] = {}
         if "consult" in want:
-            for set_name, label in (
-                ("consult10", "consult, rooms of 10"),
-                ("consult50", "consult, rooms of 50"),
+            for set_name, label, p99_target in (  # the p99 targets at half load
+                ("consult10", "consult, rooms of 10", 0.010),
+                ("consult50", "consult, rooms of 50", 0.020),
             ):
                 log(f"  {label}")
                 b = scenarios.consult(base, set_name, plan)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"    {s.label:22} {set_name}: not in the quick run (see --help)")
                         continue
                     m = scenarios.consult(s, set_name, plan)
-                    table.consult(label, s.label, m, b)
+                    table.consult(label, s.label, m, b, p99_target)
                     if m.best is not None:
                         consult_best[f"{s.label}/{set_name}"] = m.best.rate
                     figures[f"{label} / {s.label}"] = consult_figures(m)
