@@ -12,6 +12,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from .settings import Settings
+from .wsprotocol import RelayProtocol
 
 
 def uvicorn_config(
@@ -22,7 +23,7 @@ def uvicorn_config(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=RelayProtocol,
         ws_max_size=limits.max_frame * 2,
         ws_ping_interval=limits.ping_interval,
         ws_ping_timeout=limits.ping_timeout,

@@ -2,13 +2,13 @@
 
 ASGI's ``send`` is a coroutine: each frame through it costs a writer-task wake-up and a
 few awaits (Starlette's state checks, uvicorn's ``writable`` wait), about as much as the
-rest of a delivery. Under uvicorn's ``websockets-sansio`` protocol (the one ``serve.py``
-configures) that send is, once the socket is open and not paused, three synchronous steps:
-websockets' ``ServerProtocol.send_binary`` frames the bytes, ``data_to_send`` takes them,
-and ``transport.write`` appends them to the socket's buffer. :func:`direct_writer` does
-those steps when they would not wait (the last once per loop pass for all the frames of
-the pass), and declines (returns False, nothing written) otherwise, so the caller falls
-back to the ASGI send. Framing stays websockets' own.
+rest of a delivery. Under uvicorn's ``websockets-sansio`` protocol (``serve.py`` configures
+its subclass, ``wsprotocol.RelayProtocol``) that send is, once the socket is open and not
+paused, three synchronous steps: websockets' ``ServerProtocol.send_binary`` frames the
+bytes, ``data_to_send`` takes them, and ``transport.write`` appends them to the socket's
+buffer. :func:`direct_writer` does those steps when they would not wait (the last once per
+loop pass for all the frames of the pass), and declines (returns False, nothing written)
+otherwise, so the caller falls back to the ASGI send. Framing stays websockets' own.
 
 :class:`CaptureProtocol` is the outermost ASGI middleware: it records the server's own
 ``send`` for WebSocket scopes, before Starlette wraps it, under :data:`SCOPE_KEY`. Under any
