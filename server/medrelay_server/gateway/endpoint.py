@@ -34,6 +34,7 @@ from ..ratelimit import TokenBucket
 from ..store.base import StoreUnavailable
 from .connection import Connection
 from .context import Gateway
+from .deadline import ReadDeadline
 from .direct import direct_writer
 
 log = logging.getLogger(__name__)
@@ -249,39 +250,49 @@ async def _read_loop(ws: WebSocket, gw: Gateway, conn: Connection) -> None:
     limits = gw.settings.limits
     bucket = TokenBucket(limits.frames_per_second, limits.frame_burst, gw.clock.now_ms())
     refused = 0
-    while not conn.closed:
-        try:  # a timeout scope, not wait_for: that wraps every frame's read in a task
-            async with asyncio.timeout(_until_reauth(gw, conn)):
+    deadline = ReadDeadline(gw.clock)  # one timer for the token, not a timeout per read
+    try:
+        while not conn.closed:
+            if deadline.expired:  # (a renewal may have moved the deadline since it fired)
+                deadline.expired = False
+                if gw.clock.now() >= _reauth_due(conn):
+                    await _expire(gw, conn)
+            deadline.arm(_reauth_due(conn))
+            deadline.reading = True
+            try:
                 data, _ = await _receive_frame(ws, gw)
-        except TimeoutError:
-            await _expire(gw, conn)
-            continue
-        assert data is not None
-        if len(data) > limits.max_frame:
-            raise Closing(CloseCode.FRAME_TOO_LARGE, "frame too large", ErrorCode.FRAME_TOO_LARGE)
-        wait = bucket.take(gw.clock.now_ms())
-        if wait:
-            refused += 1
-            if refused > limits.frame_burst:
-                raise Closing(CloseCode.RATE_LIMITED, "too many frames", ErrorCode.RATE_LIMITED)
-            limited = RequestError(
-                ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait}
-            )
-            _send_error(gw, conn, limited, codec.peek_request_id(data, max_size=limits.max_frame))
-            continue
-        refused = 0
-        await _dispatch(gw, conn, data)
+            except asyncio.CancelledError:
+                if deadline.interrupted():
+                    continue  # the deadline passed while waiting: handled at the loop's top
+                raise
+            finally:
+                deadline.reading = False
+            assert data is not None
+            if len(data) > limits.max_frame:
+                raise Closing(
+                    CloseCode.FRAME_TOO_LARGE, "frame too large", ErrorCode.FRAME_TOO_LARGE
+                )
+            wait = bucket.take(gw.clock.now_ms())
+            if wait:
+                refused += 1
+                if refused > limits.frame_burst:
+                    raise Closing(CloseCode.RATE_LIMITED, "too many frames", ErrorCode.RATE_LIMITED)
+                limited = RequestError(
+                    ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait}
+                )
+                rid = codec.peek_request_id(data, max_size=limits.max_frame)
+                _send_error(gw, conn, limited, rid)
+                continue
+            refused = 0
+            await _dispatch(gw, conn, data)
+    finally:
+        deadline.close()
 
 
-def _until_reauth(gw: Gateway, conn: Connection) -> float | None:
-    remaining = conn.expires_at - gw.clock.now()
-    if remaining <= 0:
-        return (
-            0.001
-            if conn.reauth_deadline is None
-            else max(0.001, conn.reauth_deadline - gw.clock.now())
-        )
-    return float(remaining)
+def _reauth_due(conn: Connection) -> int:
+    """When the read loop must act on the token: its expiry, or once ``reauth_required``
+    went out, the end of the grace period."""
+    return conn.expires_at if conn.reauth_deadline is None else conn.reauth_deadline
 
 
 async def _expire(gw: Gateway, conn: Connection) -> None:
