@@ -20,12 +20,9 @@ versions it was checked against, and ``tests/server/test_wsprotocol.py`` fails i
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from uvicorn._types import ASGIReceiveEvent
-from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from uvicorn.server import ServerState
 
 READ_AHEAD_MESSAGES = 32
 READ_AHEAD_BYTES = 256 * 1024
@@ -33,15 +30,8 @@ PING_SPREAD = 0.25  # a ping is due after (1 - PING_SPREAD .. 1) x ping_interval
 
 
 class RelayProtocol(WebSocketsSansIOProtocol):
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: Any = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self.queued_bytes = 0
+    queued_bytes = 0
+    """Bytes of the messages waiting for the application (each instance counts its own)."""
 
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
