@@ -8,7 +8,9 @@ import gc
 from typing import Any
 
 import httpx
+import msgpack
 from medrelay_server.gateway.connection import Connection
+from medrelay_server.gateway.direct import SharedFrames
 
 from bench.stats import STAGES, gc_pauses, parse_gc_pauses, parse_send_stages, stage_means
 
@@ -48,6 +50,39 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert got == sent
     assert counts["direct"] >= len(sent)  # the events, plus any roster frames
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
+
+
+class CountingFrames(SharedFrames):
+    """Records each payload it frames (a miss of its one-entry cache)."""
+
+    __slots__ = ("framed",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.framed: list[dict[str, Any]] = []
+
+    def wire(self, payload: bytes) -> bytes:
+        if payload is not self._payload:
+            self.framed.append(msgpack.unpackb(payload))
+        return super().wire(payload)
+
+
+async def test_an_event_is_framed_once_for_all_its_recipients(harness: Harness) -> None:
+    frames = harness.gateway.frames = CountingFrames()  # before anyone connects
+    alice = await harness.client("alice")
+    bob = await harness.client("bob")
+    carol = await harness.client("carol")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await alice.add(room, "carol")
+    seq = await alice.send_text(room, "one event, three sockets")
+    for client in (alice, bob, carol):
+        while (m := await client.next_message()).kind != "message":
+            pass
+        assert m.seq == seq
+    events = [f for f in frames.framed if f.get("t") == "deliver" and f.get("seq") == seq]
+    assert len(events) == 1  # written to three sockets, framed once
+    assert events[0]["kind"] == "message" and events[0]["room"] == room
 
 
 async def test_send_store_time_is_exported(node: Harness) -> None:

@@ -36,6 +36,7 @@ from ..rosters import VerifiedRosters
 from ..settings import Settings
 from ..store.base import ApprovalRecord, AuditRecord, Store
 from .connection import Connection
+from .direct import SharedFrames
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class Gateway:
     """Institutions whose attester runs in this process and attests at registration when
     the device brings no attestation: only the development issuer (``dev``), whose token
     *is* the sign-in."""
+    frames: SharedFrames = field(default_factory=SharedFrames)
+    """The live fan-out's WebSocket framing, done once per event for all its recipients
+    (``direct.py``)."""
     require_attestation: bool = False
     """Refuse a first identity key without an attestation (``ATTESTATION_REQUIRED``). True
     whenever institutions are configured; False only for an app wired with bare tokens and

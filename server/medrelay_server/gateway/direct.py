@@ -8,7 +8,10 @@ paused, three synchronous steps: websockets' ``ServerProtocol.send_binary`` fram
 bytes, ``data_to_send`` takes them, and ``transport.write`` appends them to the socket's
 buffer. :func:`direct_writer` does those steps when they would not wait (the last once per
 loop pass for all the frames of the pass), and declines (returns False, nothing written)
-otherwise, so the caller falls back to the ASGI send. Framing stays websockets' own.
+otherwise, so the caller falls back to the ASGI send. Framing stays websockets' own: a
+server's unmasked frame without extensions is the same bytes for every connection, so
+:class:`SharedFrames` frames each event once (websockets' ``Frame.serialize``) and every
+recipient's writer appends those bytes to its output buffer, as ``send_binary`` would.
 
 :class:`CaptureProtocol` is the outermost ASGI middleware: it records the server's own
 ``send`` for WebSocket scopes, before Starlette wraps it, under :data:`SCOPE_KEY`. Under any
@@ -26,7 +29,8 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
-from websockets.protocol import State
+from websockets.frames import Frame, Opcode
+from websockets.protocol import SERVER, State
 
 SCOPE_KEY = "medrelay.ws_protocol"
 
@@ -43,7 +47,28 @@ class CaptureProtocol:
         await self.app(scope, receive, send)
 
 
-def direct_writer(scope: Scope) -> Callable[[bytes], bool] | None:
+class SharedFrames:
+    """The wire bytes of the last payload framed: the fan-out hands every recipient of an
+    event the same ``bytes`` object, so one entry, matched by identity, frames each event
+    once (about 1.1 µs a recipient for a 1 KiB frame here, against 0.07 µs to append it).
+    The entry holds its payload, so an identity match is never a different object."""
+
+    __slots__ = ("_payload", "_wire")
+
+    def __init__(self) -> None:
+        self._payload: bytes | None = None
+        self._wire = b""
+
+    def wire(self, payload: bytes) -> bytes:
+        if payload is not self._payload:
+            self._wire = Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])
+            self._payload = payload
+        return self._wire
+
+
+def direct_writer(
+    scope: Scope, shared: SharedFrames | None = None
+) -> Callable[[bytes], bool] | None:
     """A synchronous binary-frame writer for this WebSocket, or None (no fast path).
 
     Frames are framed at once into websockets' output buffer, and the buffer goes to the
@@ -51,11 +76,15 @@ def direct_writer(scope: Scope) -> Callable[[bytes], bool] | None:
     pass (an ack and the sender's own event; a batch's events for a room) leaves in one
     ``send()`` system call, the largest single cost of a delivery on loopback (about 20 µs
     here). Anything else that writes to this socket (uvicorn's pongs and closes, the ASGI
-    path) takes the same buffer first, so frames keep their order."""
+    path) takes the same buffer first, so frames keep their order. With ``shared``, a frame
+    is framed once for all the connections it goes to, where the connection negotiated no
+    extension (``serve.py`` turns per-message deflate off); otherwise websockets frames it."""
     protocol: Any = scope.get(SCOPE_KEY)
     if protocol is None:
         return None
     ws, transport, writable = protocol.conn, protocol.transport, protocol.writable
+    if ws.side is not SERVER or ws.extensions:
+        shared = None
     loop = asyncio.get_running_loop()
     pending = False
 
@@ -76,10 +105,13 @@ def direct_writer(scope: Scope) -> Callable[[bytes], bool] | None:
             or transport.is_closing()
         ):
             return False
-        try:
-            ws.send_binary(data)
-        except InvalidState:
-            return False
+        if shared is not None and not ws.expect_continuation_frame and type(data) is bytes:
+            ws.writes.append(shared.wire(data))  # data_to_send() swaps in a new list
+        else:
+            try:
+                ws.send_binary(data)
+            except InvalidState:
+                return False
         if not pending:
             pending = True
             loop.call_soon(flush)
