@@ -49,7 +49,7 @@ QUICK = (
         start_level_50=4000,
         bare_start_level=32_000,
         factor=2.0,
-        refine=False,
+        refine=0,
         max_level=160_000,
         vitals_seconds=1.0,
         idle_connections=300,
@@ -79,7 +79,7 @@ FULL = (
         start_level_50=400,
         bare_start_level=16_000,
         factor=1.5,
-        refine=True,
+        refine=2,
         max_level=400_000,
         vitals_seconds=10.0,
         idle_connections=15_000,
@@ -279,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  ({time.monotonic() - t_begin:.0f} s)")
             log("  cluster: one node, then two nodes over Redis (rooms of 10, PostgreSQL)")
             one, two = cluster_systems
-            # quick: 1 s steps (a 0.4 s burst hides in the queues at these rates), and one
-            # refinement, so that the ratio is not a power of two
-            cplan = replace(plan, refine=True, step_seconds=max(plan.step_seconds, 1.0))
+            # quick: 1 s steps (a 0.4 s burst hides in the queues at these rates), and at
+            # least one refinement, so that the ratio is not a power of two
+            cplan = replace(
+                plan, refine=max(plan.refine, 1), step_seconds=max(plan.step_seconds, 1.0)
+            )
             cr = scenarios.cluster(one, two, cplan)
             table.cluster(CLUSTER_ROOMS[args.quick], cr)
             figures["cluster"] = {

@@ -44,7 +44,7 @@ class Plan:
     start_level_50: float  # ... rooms of 50 (one send is fifty deliveries)
     bare_start_level: float  # the bare relay's
     factor: float
-    refine: bool
+    refine: int  # bisections between the highest passing step and the failing one
     max_level: float
     vitals_seconds: float
     idle_connections: int
@@ -85,8 +85,9 @@ def passes(w: Window) -> tuple[bool, str]:
 
 def consult(system: System, set_name: str, plan: Plan) -> ConsultResult:
     """Open-loop stepped load: raise the offered deliveries/s by ``factor`` until a step
-    fails (not every message delivered, or p99 unbounded), optionally refine once between
-    the last pass and the fail, then measure latency at half the best load."""
+    fails (not every message delivered, or p99 unbounded), bisect ``plan.refine`` times
+    (geometrically) between the last pass and the fail, then measure latency at half the
+    best load."""
     members = system.topo.sets[set_name]
     size = system.topo.receivers[system.topo.room_sets[set_name][0]]
     res = ConsultResult()
@@ -148,18 +149,20 @@ def consult(system: System, set_name: str, plan: Plan) -> ConsultResult:
         if fail_level:
             break  # came down from a failure: this is the highest passing step
         level *= plan.factor
-    if plan.refine and res.best is not None and fail_level:
+    for _ in range(plan.refine if res.best is not None and fail_level else 0):
         mid = math.sqrt(best_level * fail_level)
         w, ok, why = step(mid, plan.step_seconds)
-        if w is not None:
-            res.steps.append(w)
-            if ok:
-                res.best, best_level = w, mid
-            else:
-                system.settle(plan.settle_seconds)
+        if w is None:
+            break
+        res.steps.append(w)
+        if ok:
+            res.best, best_level = w, mid
+        else:
+            fail_level = mid
+            system.settle(plan.settle_seconds)
     if res.best is not None:
         earlier = levels.get(best_level / 2)
-        if earlier is not None and not plan.refine:
+        if earlier is not None and plan.refine == 0:
             res.half = earlier  # quick: the step below the best was at half load already
         else:
             w, _, _ = step(best_level / 2, plan.latency_seconds)
