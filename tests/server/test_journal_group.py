@@ -11,7 +11,7 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from medrelay_server.journal.verify import verify
 from medrelay_server.store.base import AuditRecord
-from medrelay_server.store.group import BatchTimes
+from medrelay_server.store.group import MAX_BATCH, BatchTimes
 from medrelay_server.store.sql import JOURNAL_SLICE, SqlStore
 
 from .test_store_contract import NOW, ROOM, new_room, send
@@ -158,6 +158,25 @@ async def test_one_batch_in_flight_by_default(store_backend: StoreBackend) -> No
     results = [r for wave_results in await asyncio.gather(*waves) for r in wave_results]
     assert state[1] == 1
     assert sorted(r.event.seq for r in results) == list(range(3, 43))
+
+
+async def test_a_backlog_goes_in_batches_of_at_most_max_batch(
+    store_backend: StoreBackend,
+) -> None:
+    """Sends that queued behind one another are stored in as few batches as the bound
+    allows: a backlog of 600 takes three batches of at most ``MAX_BATCH`` (256), not ten
+    of 64, and every send is answered in order of its room's seqs."""
+    store = await store_backend.open()
+    await new_room(store)
+    group = store._group
+    assert group is not None
+    sizes: list[int] = []
+    group.observer = lambda times: sizes.append(len(times.waits))
+    results = await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(600)))
+    assert sorted(r.event.seq for r in results) == list(range(3, 603))
+    assert sum(sizes) == 600 and max(sizes) == MAX_BATCH == 256
+    assert len(sizes) == 3
+    assert (await verify(store.database, [], b"")).ok
 
 
 async def test_batches_in_flight_must_be_positive(store_backend: StoreBackend) -> None:

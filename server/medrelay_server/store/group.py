@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 
 _Item = tuple[dict[str, Any], "asyncio.Future[AppendResult]", float]
 
+MAX_BATCH = 256
+"""Sends per batch at most. With one batch in flight, a node stores at most this many sends
+per batch call: at 64 that was the node's ceiling in rooms of 10 on PostgreSQL (batches
+full at 63-64 sends, about 20 ms a call, so about 3,200 sends/s, while the node's loop
+still had time to spare; a backlog then grew without end). At 256, a backlog after a
+burst goes in one or two calls, and the same load is sustained (``docs/performance.md``,
+"Fourteenth round"). The statements take the batch as arrays, so their size does not
+change the number of parameters; the largest batch carries 256 envelopes of at most
+70 KiB."""
+
 
 @dataclass(frozen=True, slots=True)
 class BatchTimes:
@@ -96,7 +106,7 @@ class GroupCommitter:
         db: Database,
         writer: ChainWriter,
         *,
-        max_batch: int = 64,
+        max_batch: int = MAX_BATCH,
         depth: int | None = None,
         one_trip: OneTrip | None = None,
     ) -> None:
