@@ -71,6 +71,9 @@ def create_app(
         on_delivered=lambda n: metrics.deliveries.inc(n),
         on_gap_read=lambda reason: metrics.gap_reads.labels(reason=reason).inc(),
     )
+    bound_batches = getattr(store, "bound_send_batches", None)
+    if bound_batches is not None:  # a batch's events go out in one pass of the loop
+        bound_batches(delivery.local_fanout)
     gateway = Gateway(
         settings=settings,
         store=store,

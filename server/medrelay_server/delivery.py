@@ -191,6 +191,11 @@ class Delivery:
         """Frame bytes waiting for an earlier event, over all rooms."""
 
     # subscriptions ---------------------------------------------------------------------
+    def local_fanout(self, room: str) -> int:
+        """How many connections of this node an event of ``room`` goes to now."""
+        hub = self.hubs.get(room)
+        return len(hub.conns) if hub is not None else 0
+
     async def attach_user(self, conn: Connection) -> None:
         if len(tuple(self.registry.of_user(conn.user))) == 1:
             await self.broker.subscribe(USER_TOPIC + conn.user, self._on_user_notice)

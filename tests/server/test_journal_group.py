@@ -11,7 +11,7 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from medrelay_server.journal.verify import verify
 from medrelay_server.store.base import AuditRecord
-from medrelay_server.store.group import MAX_BATCH, BatchTimes
+from medrelay_server.store.group import MAX_BATCH, MAX_FANOUT, BatchTimes
 from medrelay_server.store.sql import JOURNAL_SLICE, SqlStore
 
 from .test_store_contract import NOW, ROOM, new_room, send
@@ -176,6 +176,37 @@ async def test_a_backlog_goes_in_batches_of_at_most_max_batch(
     assert sorted(r.event.seq for r in results) == list(range(3, 603))
     assert sum(sizes) == 600 and max(sizes) == MAX_BATCH == 256
     assert len(sizes) == 3
+    assert (await verify(store.database, [], b"")).ok
+
+
+@pytest.mark.parametrize(
+    ("fanout", "expected"),
+    [(10, [256, 256, 88]), (50, [64] * 9 + [24]), (5_000, [1] * 600)],
+)
+async def test_a_batch_is_bounded_by_its_rooms_local_deliveries(
+    store_backend: StoreBackend, fanout: int, expected: list[int]
+) -> None:
+    """With the app's count of a room's local deliveries, a batch stops once its sends'
+    deliveries reach ``MAX_FANOUT`` (3,200): 64 sends into rooms of 50, still 256 into
+    rooms of 10, and one send at a time into a room larger than the bound."""
+    store = await store_backend.open()
+    await new_room(store)
+    group = store._group
+    assert group is not None
+    sizes: list[int] = []
+    group.observer = lambda times: sizes.append(len(times.waits))
+    asked: list[str] = []
+
+    def local_fanout(room: str) -> int:
+        asked.append(room)
+        return fanout
+
+    store.bound_send_batches(local_fanout)
+    results = await asyncio.gather(*(send(store, mid=b"%016d" % i) for i in range(600)))
+    assert sorted(r.event.seq for r in results) == list(range(3, 603))
+    assert MAX_FANOUT == 3_200
+    assert sizes == expected
+    assert set(asked) == {ROOM}
     assert (await verify(store.database, [], b"")).ok
 
 

@@ -210,6 +210,13 @@ class SqlStore:
         if self._group is not None:
             self._group.observer = observer
 
+    def bound_send_batches(self, fanout: Callable[[str], int]) -> None:
+        """Bound each group-commit batch by its rooms' local deliveries as well as by its
+        sends (``group.MAX_FANOUT``); ``fanout(room)`` is how many devices on this node
+        an event of ``room`` goes to. Nothing without group commit."""
+        if self._group is not None:
+            self._group.fanout = fanout
+
     async def listen(self, callback: Callable[[str, int], None], stop: asyncio.Event) -> None:
         """Call ``callback(room, seq)`` for every event committed by any node (PostgreSQL
         LISTEN/NOTIFY) until ``stop``; a no-op on SQLite."""
