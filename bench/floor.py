@@ -1,16 +1,20 @@
-"""What a send must cost on this machine whatever the code, against what the target leaves.
+"""What a send costs on this machine before any of medrelay's own code, against what the
+target leaves.
 
     python -m bench.floor [--room-size 10 50] [--bare-us 8.1] [--target 0.6]
 
-Two costs no relay that keeps medrelay's promises can avoid, measured in this process:
+Two costs of a send, measured in this process:
 
 * **a delivery's socket write**: one consult-sized WebSocket frame (a 1 KiB envelope in a
   ``deliver`` frame, framed once) written with ``send()`` into a loopback TCP connection
   (``TCP_NODELAY``, as asyncio sets it) that another process drains. CPU (user + system)
   per write; on loopback the kernel's receive path runs in the writer's system time. Both
-  servers pay it for every delivery (the bare relay pays little else);
+  servers pay it for each delivery whose connection gets no other frame in the same pass of
+  the event loop (medrelay's direct writer sends a pass's frames together; the bare relay
+  writes each one), and the bare relay pays little else;
 * **the envelope check** (I5: the server verifies every envelope's signature): decoding a
   sealed consult envelope and its strict Ed25519 check, as ``handle_send`` does, per send.
+  No code change removes it.
 
 Per send into a room of ``--room-size``: that floor (one write per member and the check).
 ``--bare-us`` is the bare relay's server CPU per delivery from a run of ``python -m bench``
