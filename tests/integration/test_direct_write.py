@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import msgpack
+from medrelay_client.client import Client
 from medrelay_server.gateway.connection import Connection
 from medrelay_server.gateway.direct import SharedFrames
 
@@ -52,6 +53,17 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
 
 
+async def three_in_a_room(harness: Harness) -> tuple[Client, Client, Client, str]:
+    """alice, bob and carol connected, and alice's room with all three."""
+    alice = await harness.client("alice")
+    bob = await harness.client("bob")
+    carol = await harness.client("carol")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await alice.add(room, "carol")
+    return alice, bob, carol, room
+
+
 class CountingFrames(SharedFrames):
     """Records each payload it frames (a miss of its one-entry cache)."""
 
@@ -69,12 +81,7 @@ class CountingFrames(SharedFrames):
 
 async def test_an_event_is_framed_once_for_all_its_recipients(harness: Harness) -> None:
     frames = harness.gateway.frames = CountingFrames()  # before anyone connects
-    alice = await harness.client("alice")
-    bob = await harness.client("bob")
-    carol = await harness.client("carol")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
+    alice, bob, carol, room = await three_in_a_room(harness)
     seq = await alice.send_text(room, "one event, three sockets")
     for client in (alice, bob, carol):
         while (m := await client.next_message()).kind != "message":
@@ -144,12 +151,7 @@ async def test_the_bench_reads_the_collectors_pauses(node: Harness) -> None:
 async def test_deliveries_are_counted_once_each(harness: Harness) -> None:
     """``medrelay_deliveries_total`` counts each event queued to a device (the fan-out adds a
     whole event's deliveries at once)."""
-    alice = await harness.client("alice")
-    bob = await harness.client("bob")
-    carol = await harness.client("carol")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
+    alice, bob, carol, room = await three_in_a_room(harness)
     registry = harness.gateway.metrics.registry
     queued: list[tuple[str, int]] = []
     for conn in harness.gateway.registry.all():
