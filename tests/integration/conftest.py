@@ -53,6 +53,18 @@ class Harness:
         return c
 
 
+async def three_in_a_room(h: Harness) -> tuple[Client, Client, Client, str]:
+    """alice, bob and carol connected, in alice's room, with carol holding its key."""
+    alice = await h.client("alice")
+    bob = await h.client("bob")
+    carol = await h.client("carol")
+    room = await alice.create_room()
+    await alice.add(room, "bob")
+    await alice.add(room, "carol")
+    await carol.wait_for_key(room)
+    return alice, bob, carol, room
+
+
 MakeHarness = Callable[..., Awaitable[Harness]]
 
 

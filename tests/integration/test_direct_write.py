@@ -9,13 +9,12 @@ from typing import Any
 
 import httpx
 import msgpack
-from medrelay_client.client import Client
 from medrelay_server.gateway.connection import Connection
 from medrelay_server.gateway.direct import SharedFrames
 
 from bench.stats import STAGES, gc_pauses, parse_gc_pauses, parse_send_stages, stage_means
 
-from .conftest import Harness
+from .conftest import Harness, three_in_a_room
 
 
 def _count_paths(conn: Connection, counts: dict[str, int]) -> None:
@@ -51,17 +50,6 @@ async def test_live_deliveries_are_written_directly(harness: Harness) -> None:
     assert got == sent
     assert counts["direct"] >= len(sent)  # the events, plus any roster frames
     assert counts["queued"] == 0  # an idle loopback socket never needs the writer task
-
-
-async def three_in_a_room(harness: Harness) -> tuple[Client, Client, Client, str]:
-    """alice, bob and carol connected, and alice's room with all three."""
-    alice = await harness.client("alice")
-    bob = await harness.client("bob")
-    carol = await harness.client("carol")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
-    return alice, bob, carol, room
 
 
 class CountingFrames(SharedFrames):

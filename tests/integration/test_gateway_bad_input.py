@@ -34,7 +34,7 @@ from medrelay_protocol.frames import (
 from medrelay_server.settings import Limits
 from websockets.exceptions import InvalidStatus
 
-from .conftest import Harness, _harness
+from .conftest import Harness, _harness, three_in_a_room
 from .rawclient import (
     RawClient,
     assert_alive,
@@ -74,15 +74,8 @@ class World:
 
 
 async def _world(h: Harness) -> World:
-    alice = await h.client("alice")
-    bob = await h.client("bob")
-    carol = await h.client("carol")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
     # carol holds the current epoch key before anyone seals for her
-    await carol.wait_for_key(room)
-    return World(h, alice, bob, carol, room)
+    return World(h, *await three_in_a_room(h))
 
 
 @pytest.fixture
@@ -422,20 +415,9 @@ async def test_too_many_connections_for_one_device_closes_4008(world: World) -> 
 SMALL_QUEUE = Limits(outbound_queue=8, sends_per_second=10_000, send_burst=10_000)
 
 
-async def _three_in_a_room(h: Harness) -> tuple[Client, Client, Client, str]:
-    alice = await h.client("alice")
-    bob = await h.client("bob")
-    carol = await h.client("carol")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
-    await carol.wait_for_key(room)
-    return alice, bob, carol, room
-
-
 async def test_slow_consumer_is_closed_4006(tmp_path: Path) -> None:
     async with harness_with(tmp_path, SMALL_QUEUE) as h:
-        alice, bob, carol, room = await _three_in_a_room(h)
+        alice, bob, carol, room = await three_in_a_room(h)
         await carol.close()
         start = carol.keys.room(room).last_seq
 
@@ -467,7 +449,7 @@ async def test_resume_of_a_backlog_larger_than_the_outbound_queue(tmp_path: Path
     and reads promptly: it must catch up, however long the backlog is compared with the
     outbound queue."""
     async with harness_with(tmp_path, SMALL_QUEUE) as h:
-        alice, bob, carol, room = await _three_in_a_room(h)
+        alice, bob, carol, room = await three_in_a_room(h)
         await carol.close()
         sent = [f"backlog {i}" for i in range(4 * SMALL_QUEUE.outbound_queue)]
         for text in sent:
