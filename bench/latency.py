@@ -31,7 +31,7 @@ from pathlib import Path
 from . import db
 from .costs import window
 from .procs import raise_nofile
-from .stats import Window, describe_stages
+from .stats import Window, describe_stages, timeline
 from .system import System
 from .topology import Sizes, build
 
@@ -40,9 +40,19 @@ def _ms(w: Window) -> str:
     return " / ".join(f"{w.p(q) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
 
 
+Spans = list[tuple[int, float, float]]
+
+
 def _run(
-    system: System, rooms: str, rates: list[float], seconds: float, receipts: float
-) -> list[Window]:
+    system: System,
+    rooms: str,
+    rates: list[float],
+    seconds: float,
+    receipts: float,
+    step: float = 0.0,
+) -> list[tuple[Window, Spans]]:
+    """One window per rate; with ``step``, also each window's p50 and p99 by span of
+    ``step`` seconds of its sends (``stats.timeline``)."""
     try:
         system.bring_up()
         for worker in system.workers:
@@ -50,9 +60,17 @@ def _run(
         system.settle()  # until the connect's catch-up is over (the server idle)
         # unreported: a node's first sends after its start run on cold database sessions
         window(system, rooms, rates[0], min(seconds, 3.0))
-        return [window(system, rooms, rate, seconds) for rate in rates]
+        out = []
+        for rate in rates:
+            w = window(system, rooms, rate, seconds)
+            out.append((w, timeline(system.last_results, step) if step else []))
+        return out
     finally:
         system.stop()
+
+
+def _spans(spans: Spans) -> str:
+    return " ".join(f"{p99 * 1e3:.0f}" if n else "-" for n, _p50, p99 in spans)
 
 
 def main() -> None:
@@ -80,6 +98,14 @@ def main() -> None:
         default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"),
         help="the broker of two nodes (default $BENCH_REDIS or %(default)s)",
     )
+    parser.add_argument(
+        "--timeline",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also print each window's p99 (ms) by span of this many seconds of its sends,"
+        " for both systems: is the tail spread over the window, or a few episodes?",
+    )
     args = parser.parse_args()
     raise_nofile()
     rooms = f"consult{args.room_size}"
@@ -101,7 +127,7 @@ def main() -> None:
         bare = System(
             "bare relay", "baseline", build(sizes, medrelay=False, extra=False), workdir, workers=2
         )
-        b = _run(bare, rooms, rates, args.seconds, 0.0)
+        b = _run(bare, rooms, rates, args.seconds, 0.0, args.timeline)
         label = f"medrelay ({name})" if args.nodes == 1 else f"medrelay (2 nodes, {name})"
         # two nodes: names carry a per-run prefix (broker topics are named after them)
         prefix = f"l{os.urandom(3).hex()}-" if args.nodes > 1 else ""
@@ -111,7 +137,7 @@ def main() -> None:
             breakdown=True, activity_interval=0.01, nodes=args.nodes,
             broker_url=args.redis if args.nodes > 1 else None,
         )  # fmt: skip
-        m = _run(medrelay, rooms, rates, args.seconds, args.receipt_interval)
+        m = _run(medrelay, rooms, rates, args.seconds, args.receipt_interval, args.timeline)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
@@ -119,8 +145,12 @@ def main() -> None:
         f"{args.seconds:.0f} s windows; medrelay receipts every {args.receipt_interval:g} s"
     )
     print(f"{'sends/s':>8}  {label:>24}  {'bare relay':>22}")
-    for rate, mw, bw in zip(rates, m, b, strict=True):
+    for rate, (mw, m_spans), (bw, b_spans) in zip(rates, m, b, strict=True):
         print(f"{rate:8.0f}  {_ms(mw):>24}  {_ms(bw):>22}")
+        if args.timeline:
+            head = f"p99 ms per {args.timeline:g} s of sends:"
+            print(f"{'':8}  {head} medrelay   {_spans(m_spans)}")
+            print(f"{'':8}  {'':{len(head)}} bare relay {_spans(b_spans)}")
         if mw.store_stages:
             print(f"{'':8}  {describe_stages(mw.store_stages)}")
         for line in mw.describe().splitlines()[1:]:  # cores busy, database sessions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -248,17 +248,40 @@ def describe_stages(stages: Mapping[str, float]) -> str:
     )
 
 
-def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> Window:
-    """``receivers``: room index -> devices that should get each message of that room."""
-    w = Window()
+def _send_times(results: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Send time by message key, from every worker's records."""
     send_at: dict[int, float] = {}
-    first, last = math.inf, 0.0
     for r in results:
         keys = array("q")
         keys.frombytes(r["send_k"])
         times = array("d")
         times.frombytes(r["send_t"])
         send_at.update(zip(keys, times, strict=True))
+    return send_at
+
+
+def _deliveries(
+    results: Sequence[Mapping[str, Any]], send_at: Mapping[int, float]
+) -> Iterator[tuple[float, float]]:
+    """(send time, latency) of every arrival of a message sent in the window."""
+    for r in results:
+        keys = array("q")
+        keys.frombytes(r["arr_k"])
+        times = array("d")
+        times.frombytes(r["arr_t"])
+        get = send_at.get
+        for k, t in zip(keys, times, strict=True):
+            sent = get(k)
+            if sent is not None:
+                yield sent, t - sent
+
+
+def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> Window:
+    """``receivers``: room index -> devices that should get each message of that room."""
+    w = Window()
+    send_at = _send_times(results)
+    first, last = math.inf, 0.0
+    for r in results:
         w.sent += r["sent"]
         w.acked += r["acked"]
         w.errors.update({int(k): v for k, v in r["errors"].items()})
@@ -277,18 +300,10 @@ def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> 
     if span:
         for s in send_at.values():
             sends_per_third[min(2, int((s - first) / span))] += 1
-    for r in results:
-        keys = array("q")
-        keys.frombytes(r["arr_k"])
-        times = array("d")
-        times.frombytes(r["arr_t"])
-        get = send_at.get
-        for k, t in zip(keys, times, strict=True):
-            sent = get(k)
-            if sent is not None:
-                lat.append(t - sent)
-                if span:
-                    thirds[min(2, int((sent - first) / span))].append(t - sent)
+    for sent, latency in _deliveries(results, send_at):
+        lat.append(latency)
+        if span:
+            thirds[min(2, int((sent - first) / span))].append(latency)
     lat.sort()
     w.latencies = lat
     w.delivered = len(lat)
@@ -298,3 +313,22 @@ def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> 
         w.first_third_p50 = percentile(thirds[0], 0.5)
         w.last_third_p50 = percentile(thirds[2], 0.5)
     return w
+
+
+def timeline(results: Sequence[Mapping[str, Any]], step: float) -> list[tuple[int, float, float]]:
+    """The window's deliveries by when their message was sent, in spans of ``step``
+    seconds from the first send: (deliveries, p50, p99) per span (seconds; a span with
+    no sends is (0, nan, nan)). Shows whether a window's tail is spread over it or comes
+    in episodes (one slow second, the start after a heavier window)."""
+    send_at = _send_times(results)
+    if not send_at or step <= 0:
+        return []
+    first = min(send_at.values())
+    spans: list[list[float]] = [[] for _ in range(int((max(send_at.values()) - first) / step) + 1)]
+    for sent, latency in _deliveries(results, send_at):
+        spans[int((sent - first) / step)].append(latency)
+    out: list[tuple[int, float, float]] = []
+    for part in spans:
+        part.sort()
+        out.append((len(part), percentile(part, 0.5), percentile(part, 0.99)))
+    return out
