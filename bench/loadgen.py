@@ -31,10 +31,23 @@ from typing import Any
 import msgpack
 from medrelay_protocol import codec
 from medrelay_protocol.crypto import SigningKey
+from medrelay_protocol.epochs import RekeyManifest
+from medrelay_protocol.errors import MedrelayError
 from medrelay_protocol.frames import Receipt
 
 from . import mr
 from .wsraw import WsClient, client_frame, open_ws
+
+
+def epoch_of(manifest: bytes) -> int:
+    """The epoch a rekey event's manifest starts (0 if it does not parse). Taken from the
+    manifest, not counted: a rekey delivered twice (a replay after a resume) or late names
+    an epoch the room has already passed."""
+    try:
+        return RekeyManifest.parse_unverified(manifest).epoch_number
+    except (MedrelayError, ValueError, TypeError):
+        return 0
+
 
 KEY_SHIFT = 40
 RECEIPT_INTERVAL = 1.0  # seconds between a device's cumulative receipts for a room
@@ -86,7 +99,6 @@ class Worker:
         self.room_index: dict[str, int] = {}
         self.members: list[Member] = []
         self.tokens: dict[str, str] = {}
-        self.rekey_seen: dict[int, int] = {}
         self.receipt_interval = RECEIPT_INTERVAL
         self.idle: list[WsClient] = []
         self._reset_records()
@@ -273,9 +285,9 @@ class Worker:
                 self.last_arrival = t
                 if seq > last_seq.get(r, 0):
                     last_seq[r] = seq
-                if d["kind"] == "rekey" and seq > self.rekey_seen.get(r, 0):
-                    self.rekey_seen[r] = seq
-                    self.rooms[r].epoch += 1
+                if d["kind"] == "rekey":  # a replayed rekey names an epoch already known
+                    room = self.rooms[r]
+                    room.epoch = max(room.epoch, epoch_of(d["payload"]))
                 if watch:
                     self.watched.append((idx, r, seq, t))
             elif typ == "ack":
