@@ -44,6 +44,16 @@ async def drop_database(name: str) -> None:
         await conn.close()
 
 
+async def room_epochs(database: str) -> dict[str, int]:
+    """Every room's current epoch in the bench database ``database``."""
+    conn = await asyncpg.connect(_dsn_for(database))
+    try:
+        rows = await conn.fetch("SELECT room, epoch FROM rooms")
+    finally:
+        await conn.close()
+    return {str(room): int(epoch) for room, epoch in rows}
+
+
 async def pg_commits(database: str) -> int:
     """Committed transactions so far in ``database`` (see :func:`pg_counters`)."""
     return (await pg_counters(database))[0]

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.frames import Commit as CommitFrame
 
+from . import db
 from .loadgen import call_all
 from .mr import fetch_tokens
 from .population import owner_client, quiet_client_noise
 from .procs import thread_cpu
-from .stats import Window
+from .stats import Window, epoch_mismatches
 from .system import System
 from .topology import CONSULT_BODY, VITALS_BODY
 
@@ -208,6 +210,14 @@ def vitals(system: System, plan: Plan) -> Window:
     skipped = sum(r.get("skipped", 0) for r in system.last_results)
     w.skipped = skipped
     log(f"    {system.label:22} vitals    {w.describe()} skipped {skipped}")
+    if w.errors.get(ErrorCode.STALE_EPOCH) and system.pg_name is not None:
+        # no ward is rekeyed in the run: say whose epoch differs (the server's or a
+        # generator's)
+        server = asyncio.run(db.room_epochs(system.pg_name))
+        generators = [s["epochs"] for s in call_all(system.workers, "state")]
+        names = [room.name for room in system.topo.rooms]
+        for line in epoch_mismatches(server, names, generators):
+            log(f"      epoch differs: {line}")
     system.settle(30.0)
     return w
 

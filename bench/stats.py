@@ -332,3 +332,19 @@ def timeline(results: Sequence[Mapping[str, Any]], step: float) -> list[tuple[in
         part.sort()
         out.append((len(part), percentile(part, 0.5), percentile(part, 0.99)))
     return out
+
+
+def epoch_mismatches(
+    server: Mapping[str, int], rooms: Sequence[str], generators: Sequence[Sequence[int]]
+) -> list[str]:
+    """Rooms where a load generator's epoch (``generators[g][i]`` for room ``rooms[i]``, as
+    its ``state`` reports them) is not the server's, one line each: which side to suspect
+    when sends come back ``STALE_EPOCH``."""
+    out: list[str] = []
+    for i, room in enumerate(rooms):
+        current = server.get(room)
+        held = [epochs[i] if i < len(epochs) else None for epochs in generators]
+        if current is not None and any(e != current for e in held):
+            shown = ", ".join(f"generator {g + 1}: {e}" for g, e in enumerate(held))
+            out.append(f"{room}: server {current}; {shown}")
+    return out
