@@ -13,7 +13,7 @@ from medrelay_protocol.codes import ErrorCode
 from medrelay_protocol.errors import RequestError
 from medrelay_protocol.frames import BlobChunk, BlobGet, Error
 
-from .conftest import Harness
+from .conftest import Harness, three_in_a_room
 from .rawclient import RawClient, next_of_kind
 
 IMAGE = 5 * 1024 * 1024
@@ -40,13 +40,8 @@ async def _forbidden(client: Client, blob: bytes, index: int) -> None:
 
 
 async def test_image_round_trip_and_refusals(harness: Harness) -> None:
-    alice = await harness.client("alice")
-    bob = await harness.client("bob")
-    carol = await harness.client("carol")
-    mallory = await harness.client("mallory")
-    room = await alice.create_room()
-    await alice.add(room, "bob")
-    await alice.add(room, "carol")
+    alice, bob, carol, room = await three_in_a_room(harness)
+    mallory = await harness.client("mallory")  # connected, not a member
 
     image = os.urandom(IMAGE)
     seq = await alice.send_file(room, image, name="chest-xray.png", mime="image/png")
