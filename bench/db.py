@@ -11,7 +11,7 @@ import asyncpg  # type: ignore[import-untyped]
 ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _dsn_for(database: str) -> str:
+def dsn_for(database: str) -> str:
     base, _, _ = ADMIN_DSN.rpartition("/")
     return f"{base}/{database}"
 
@@ -33,7 +33,7 @@ async def create_database() -> tuple[str, str]:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return name, _dsn_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
+    return name, dsn_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 async def drop_database(name: str) -> None:
@@ -46,7 +46,7 @@ async def drop_database(name: str) -> None:
 
 async def room_epochs(database: str) -> dict[str, int]:
     """Every room's current epoch in the bench database ``database``."""
-    conn = await asyncpg.connect(_dsn_for(database))
+    conn = await asyncpg.connect(dsn_for(database))
     try:
         rows = await conn.fetch("SELECT room, epoch FROM rooms")
     finally:

@@ -33,10 +33,10 @@ import subprocess
 import sys
 import time
 
-from medrelay_protocol import codec
 from medrelay_protocol.crypto import SigningKey
 from medrelay_protocol.envelope import Envelope
-from medrelay_protocol.frames import Deliver
+from medrelay_server.delivery import event_frame
+from medrelay_server.store.base import StoredEvent
 from websockets.frames import Frame, Opcode
 
 from .mr import seal
@@ -53,19 +53,10 @@ print(total)
 
 
 def deliver_frame(envelope: bytes) -> bytes:
-    """The WebSocket frame of one delivery of ``envelope`` (server side: unmasked)."""
-    payload = codec.encode(
-        Deliver(
-            room="r" * 24,
-            seq=1,
-            kind="message",
-            sender="d" * 32,
-            user="u" * 32,
-            ts=1_700_000_000_000,
-            payload=envelope,
-        )
-    )
-    return Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])
+    """The WebSocket frame of one delivery of ``envelope`` (server side: unmasked), with the
+    server's own ``deliver`` encoding (``delivery.event_frame``)."""
+    event = StoredEvent("r" * 24, 1, "message", "d" * 32, "u" * 32, 1_700_000_000_000, envelope)
+    return Frame(Opcode.BINARY, event_frame(event)).serialize(mask=False, extensions=[])
 
 
 def write_cost(frame: bytes, writes: int) -> float:

@@ -31,16 +31,13 @@ from pathlib import Path
 from . import db
 from .costs import window
 from .procs import raise_nofile
-from .stats import Window, describe_stages, timeline
+from .stats import Spans, Window, describe_stages, timeline
 from .system import System
 from .topology import Sizes, build
 
 
 def _ms(w: Window) -> str:
     return " / ".join(f"{w.p(q) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
-
-
-Spans = list[tuple[int, float, float]]
 
 
 def _run(

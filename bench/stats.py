@@ -315,7 +315,11 @@ def join(results: Sequence[Mapping[str, Any]], receivers: Mapping[int, int]) -> 
     return w
 
 
-def timeline(results: Sequence[Mapping[str, Any]], step: float) -> list[tuple[int, float, float]]:
+Spans = list[tuple[int, float, float]]
+"""A window's (deliveries, p50, p99) per span of its sends (:func:`timeline`)."""
+
+
+def timeline(results: Sequence[Mapping[str, Any]], step: float) -> Spans:
     """The window's deliveries by when their message was sent, in spans of ``step``
     seconds from the first send: (deliveries, p50, p99) per span (seconds; a span with
     no sends is (0, nan, nan)). Shows whether a window's tail is spread over it or comes
@@ -327,7 +331,7 @@ def timeline(results: Sequence[Mapping[str, Any]], step: float) -> list[tuple[in
     spans: list[list[float]] = [[] for _ in range(int((max(send_at.values()) - first) / step) + 1)]
     for sent, latency in _deliveries(results, send_at):
         spans[int((sent - first) / step)].append(latency)
-    out: list[tuple[int, float, float]] = []
+    out: Spans = []
     for part in spans:
         part.sort()
         out.append((len(part), percentile(part, 0.5), percentile(part, 0.99)))

@@ -40,7 +40,7 @@ def test_a_generator_that_reports_fewer_rooms_shows_none() -> None:
 async def test_room_epochs_reads_every_rooms_epoch_from_the_bench_database() -> None:
     name, _url = await db.create_database()
     try:
-        conn = await asyncpg.connect(db._dsn_for(name))
+        conn = await asyncpg.connect(db.dsn_for(name))
         try:
             await conn.execute("CREATE TABLE rooms (room text PRIMARY KEY, epoch bigint)")
             await conn.executemany(
