@@ -20,7 +20,7 @@ from .auth.dev import DevIssuer
 from .clock import Clock
 from .delivery import Delivery, Registry
 from .fanout.base import Broker
-from .gateway.context import Gateway
+from .gateway.context import Gateway, journal_fanout
 from .gateway.direct import CaptureProtocol
 from .gateway.endpoint import websocket_endpoint
 from .handlers import HANDLERS
@@ -70,6 +70,7 @@ def create_app(
         replay_batch=settings.limits.replay_batch,
         on_delivered=lambda n: metrics.deliveries.inc(n),
         on_gap_read=lambda reason: metrics.gap_reads.labels(reason=reason).inc(),
+        on_written=journal_fanout(journal, clock),
     )
     bound_batches = getattr(store, "bound_send_batches", None)
     if bound_batches is not None:  # a batch's events go out in one pass of the loop

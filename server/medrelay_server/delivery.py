@@ -169,6 +169,7 @@ class Delivery:
         replay_batch: int,
         on_delivered: Callable[[int], None] | None = None,
         on_gap_read: Callable[[str], None] | None = None,
+        on_written: Callable[[list[Connection], str, int], None] | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -179,6 +180,10 @@ class Delivery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
         self._on_gap_read = on_gap_read
+        self._on_written = on_written
+        """Called with the connections an event's frame was written to at once, the room
+        and the seq (the delivery journal); frames that wait in a connection's queue are
+        reported by its own ``on_written`` when written."""
         """Called with ``broker``, ``notify``, ``reconnect`` or ``poll`` for each store read
         that fills a room's gap, by what showed the gap (the app's metrics)."""
         self._notified: dict[str, list[int]] = {}
@@ -477,9 +482,7 @@ class Delivery:
 
     def _process(self, hub: RoomHub, seq: int, kind: str, frame: bytes, eff: Effects) -> None:
         hub.processed = seq
-        delivered = 0
-        for conn in tuple(hub.conns):
-            delivered += self._offer(conn, hub, seq, kind, frame)
+        delivered = self._offer_all(hub, seq, kind, frame) if hub.conns else 0
         if delivered and self._on_delivered is not None:  # once per event, not per device
             self._on_delivered(delivered)
         for user, role in {**eff.added, **eff.roles}.items():
@@ -501,21 +504,36 @@ class Delivery:
             self._forget_early(hub)
             self._spawn(self.broker.unsubscribe(ROOM_TOPIC + hub.room, self._on_room_message))
 
-    def _offer(self, conn: Connection, hub: RoomHub, seq: int, kind: str, frame: bytes) -> bool:
-        """Queue the event for ``conn`` if it is next in line; True if it was queued."""
-        if conn.closed or hub.room in conn.catching_up:
-            return False
-        cursor = conn.cursors.get(hub.room)
-        if cursor is None or seq <= cursor:
-            return False
-        role = hub.members.get(conn.user)
-        if seq == cursor + 1 and kind != "rekey":
-            conn.cursors[hub.room] = seq
-            if role is None or (role == "device" and kind not in RECEIVE_KINDS_FOR_DEVICE_ROLE):
-                return False
-            return conn.enqueue(frame, event=(hub.room, seq))
-        self._spawn(self._catch_up(conn, hub))
-        return False
+    def _offer_all(self, hub: RoomHub, seq: int, kind: str, frame: bytes) -> int:
+        """Queue the event for every connection of the room that is next in line, and start
+        a catch-up for any that is not; returns how many got it. One pass for the room: the
+        frames written at once (``Connection.write_direct``) are journaled together."""
+        room, members = hub.room, hub.members
+        live = kind != "rekey"  # a rekey carries a per-device wrap: the store serves it
+        devices_too = kind in RECEIVE_KINDS_FOR_DEVICE_ROLE
+        written: list[Connection] = []
+        queued = 0
+        for conn in tuple(hub.conns):
+            if conn.closed or room in conn.catching_up:
+                continue
+            cursors = conn.cursors
+            cursor = cursors.get(room)
+            if cursor is None or seq <= cursor:
+                continue
+            if seq != cursor + 1 or not live:
+                self._spawn(self._catch_up(conn, hub))
+                continue
+            cursors[room] = seq
+            role = members.get(conn.user)
+            if role is None or (role == "device" and not devices_too):
+                continue
+            if conn.write_direct(frame):
+                written.append(conn)
+            elif conn.enqueue(frame, event=(room, seq)):
+                queued += 1
+        if written and self._on_written is not None:
+            self._on_written(written, room, seq)
+        return len(written) + queued
 
     async def _catch_up(self, conn: Connection, hub: RoomHub) -> None:
         """Feed ``conn`` from the store until its cursor reaches the hub. A failed read (the

@@ -137,11 +137,20 @@ async def test_the_bench_reads_the_collectors_pauses(node: Harness) -> None:
 
 
 async def test_deliveries_are_counted_once_each(harness: Harness) -> None:
-    """``medrelay_deliveries_total`` counts each event queued to a device (the fan-out adds a
-    whole event's deliveries at once)."""
+    """``medrelay_deliveries_total`` counts each event handed to a device, written at once
+    or queued (the fan-out adds a whole event's deliveries at once)."""
     alice, bob, carol, room = await three_in_a_room(harness)
     registry = harness.gateway.metrics.registry
     queued: list[tuple[str, int]] = []
+    delivery = harness.gateway.delivery
+    journal_direct = delivery._on_written
+    assert journal_direct is not None
+
+    def direct(conns: list[Connection], room: str, seq: int) -> None:
+        queued.extend((room, seq) for _ in conns)
+        journal_direct(conns, room, seq)
+
+    delivery._on_written = direct
     for conn in harness.gateway.registry.all():
         enqueue = conn.enqueue
 

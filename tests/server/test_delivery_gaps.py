@@ -55,7 +55,8 @@ class _Reads:
 
 
 class _Device:
-    """A connection as ``Delivery._offer`` sees it; ``taken`` is what it was given."""
+    """A connection as ``Delivery._offer_all`` sees it; ``taken`` is what it was given
+    (always through the queue: it has no direct write)."""
 
     def __init__(self, user: str, *, cursor: int = 4, closed: bool = False) -> None:
         self.user = user
@@ -64,6 +65,9 @@ class _Device:
         self.catching_up: set[str] = set()
         self.cursors = {ROOM: cursor}
         self.taken: list[int] = []
+
+    def write_direct(self, frame: bytes) -> bool:
+        return False
 
     def enqueue(self, frame: bytes, *, event: tuple[str, int]) -> bool:
         self.taken.append(event[1])

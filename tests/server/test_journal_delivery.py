@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 from medrelay_server.clock import FakeClock
-from medrelay_server.journal.delivery import DeliveryJournal
+from medrelay_server.journal.delivery import DeliveryJournal, Recipient
 from medrelay_server.store.base import AuditRecord, StoreUnavailable
 
 T = 1_800_000_000
@@ -72,6 +72,34 @@ async def test_contiguous_writes_coalesce(clock: FakeClock) -> None:
     [first] = [r for r in sink.records if r.seq_from == 3 and r.device == "bob-1"]
     assert (first.user, first.ts, first.ts_end, first.outcome) == ("bob", T + 3, T + 5, "success")
     assert await dj.flush() == 0
+
+
+async def test_a_rooms_recipients_are_journaled_in_one_call(clock: FakeClock) -> None:
+    """The live fan-out's call: one event to several devices; each device's range grows
+    as it would one call at a time, and a device whose range breaks starts a new one."""
+    sink = Sink()
+    dj = DeliveryJournal(sink, clock)
+    bob, carol, dave = (
+        Recipient("bob", "bob-1"),
+        Recipient("carol", "carol-1"),
+        Recipient("dave", "d-1"),
+    )
+    dj.record_written_to([bob, carol], "r", 1, T + 1)
+    dj.record_written_to([bob, carol, dave], "r", 2, T + 2)
+    dj.record_written("carol", "carol-1", "r", 3, T + 3)  # a queued frame, written alone
+    dj.record_written_to([bob, dave], "r", 4, T + 4)  # bob missed 3: a new range
+    dj.record_written_to([], "r", 5, T + 5)  # nobody: nothing
+    assert dj.pending == 5  # three open ranges, two closed (bob 1-2, dave 2)
+    assert await dj.flush() == 5
+    assert sorted(ranges(sink.records)) == [
+        ("deliver", "bob-1", "r", 1, 2),
+        ("deliver", "bob-1", "r", 4, 4),
+        ("deliver", "carol-1", "r", 1, 3),
+        ("deliver", "d-1", "r", 2, 2),
+        ("deliver", "d-1", "r", 4, 4),
+    ]
+    [c] = [r for r in sink.records if r.device == "carol-1"]
+    assert (c.user, c.ts, c.ts_end) == ("carol", T + 1, T + 3)
 
 
 async def test_redelivery_is_a_new_range(clock: FakeClock) -> None:

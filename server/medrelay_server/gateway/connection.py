@@ -57,7 +57,6 @@ class Connection:
     close_code: int | None = None
     _queue: asyncio.Queue[tuple[bytes, tuple[str, int] | None] | None] = field(init=False)
     _writer: asyncio.Task[None] | None = field(default=None, init=False)
-    on_sent: Callable[[int], None] | None = None
     on_written: Callable[[str, int], None] | None = None
     """Called with (room, seq) once a room event's frame was written to the socket."""
     write_now: WriteNow | None = None
@@ -89,9 +88,10 @@ class Connection:
             return False
         if ephemeral and self._queue.qsize() * 2 >= self.queue_limit:
             return False
-        if self.write_now is not None and not self._busy and self._queue.empty():
-            if self._write_now(data, event):
-                return True
+        if self.write_direct(data):
+            if event is not None and self.on_written is not None:
+                self.on_written(*event)
+            return True
         try:
             self._queue.put_nowait((data, event))
         except asyncio.QueueFull:
@@ -99,19 +99,18 @@ class Connection:
             return False
         return True
 
-    def _write_now(self, data: bytes, event: tuple[str, int] | None) -> bool:
-        assert self.write_now is not None
+    def write_direct(self, data: bytes) -> bool:
+        """Write ``data`` through ``write_now`` at once if nothing is queued or being written
+        and the socket takes it; False (nothing written) otherwise. The caller reports the
+        write (``enqueue`` to ``on_written``; the live fan-out journals a room's recipients
+        of an event together)."""
+        write = self.write_now
+        if write is None or self._busy or self.closed or self._queue.qsize():
+            return False
         try:
-            written = self.write_now(data)
+            return write(data)
         except Exception:  # the socket went away under us: the queue path reports it
             return False
-        if not written:
-            return False
-        if event is not None and self.on_written is not None:
-            self.on_written(*event)
-        if self.on_sent is not None:
-            self.on_sent(len(data))
-        return True
 
     def abort(self, code: int, reason: str) -> None:
         """Close soon, from any context: stop the writer and close the socket."""
@@ -145,8 +144,6 @@ class Connection:
                     self._queue.task_done()
                     if self._queue.qsize() <= self.queue_limit // 4:
                         self._low.set()
-                if self.on_sent is not None:
-                    self.on_sent(len(data))
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away; the reader side notices and cleans up

@@ -36,7 +36,7 @@ from ..rosters import VerifiedRosters
 from ..settings import Settings
 from ..store.base import ApprovalRecord, AuditRecord, Store
 from .connection import Connection
-from .direct import SharedFrames
+from .direct import PassFlush, SharedFrames
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ UNREGISTERED_OK = (RegisterDevice, GetDevices, RequestApproval)
 APPROVAL_TOPIC = "approval:"
 """Broker topic per user: ``[kind, request id]`` with kind ``request`` (tell the user's
 registered devices) or ``approved`` (tell the requesting device), on every node."""
+
+
+def journal_writes(
+    journal: DeliveryJournal, clock: Clock, conn: Connection
+) -> Callable[[str, int], None]:
+    """``conn.on_written``: journal each room event written to ``conn``'s socket."""
+
+    def written(room: str, seq: int) -> None:
+        journal.record_written(conn.user, conn.device, room, seq, clock.now())
+
+    return written
+
+
+def journal_fanout(
+    journal: DeliveryJournal, clock: Clock
+) -> Callable[[list[Connection], str, int], None]:
+    """``Delivery``'s ``on_written``: journal the connections a live event's frame was
+    written to at once, together."""
+
+    def written(conns: list[Connection], room: str, seq: int) -> None:
+        journal.record_written_to(conns, room, seq, clock.now())
+
+    return written
 
 
 @dataclass
@@ -93,6 +116,8 @@ class Gateway:
     frames: SharedFrames = field(default_factory=SharedFrames)
     """The live fan-out's WebSocket framing, done once per event for all its recipients
     (``direct.py``)."""
+    flushes: PassFlush = field(default_factory=PassFlush)
+    """The direct writes' socket flushes, one loop callback per pass for all connections."""
     require_attestation: bool = False
     """Refuse a first identity key without an attestation (``ATTESTATION_REQUIRED``). True
     whenever institutions are configured; False only for an app wired with bare tokens and
@@ -134,12 +159,7 @@ class Gateway:
             raise RequestError(ErrorCode.RATE_LIMITED, "slow down", detail={"retry_after_ms": wait})
 
     async def connect(self, conn: Connection, *, source: str) -> None:
-        journal, clock = self.journal, self.clock
-
-        def written(room: str, seq: int) -> None:
-            journal.record_written(conn.user, conn.device, room, seq, clock.now())
-
-        conn.on_written = written
+        conn.on_written = journal_writes(self.journal, self.clock, conn)
         conn.start()
         self.registry.add(conn)
         self.metrics.connections.inc()

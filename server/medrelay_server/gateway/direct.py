@@ -23,6 +23,7 @@ providing the fast path.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import SERVER, State
 
 SCOPE_KEY = "medrelay.ws_protocol"
+log = logging.getLogger(__name__)
 
 
 class CaptureProtocol:
@@ -66,8 +68,31 @@ class SharedFrames:
         return self._wire
 
 
+class PassFlush:
+    """One loop callback per pass for every connection that has frames to flush, instead of
+    one each (``call_soon`` and its handle cost about as much as the flush itself)."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: list[Callable[[], None]] = []
+
+    def add(self, flush: Callable[[], None]) -> None:
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._run)
+        self._due.append(flush)
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for flush in due:
+            try:
+                flush()
+            except Exception as exc:  # one socket's failure must not keep the rest waiting
+                log.warning("a socket flush failed (%s)", type(exc).__name__)
+
+
 def direct_writer(
-    scope: Scope, shared: SharedFrames | None = None
+    scope: Scope, shared: SharedFrames | None = None, passes: PassFlush | None = None
 ) -> Callable[[bytes], bool] | None:
     """A synchronous binary-frame writer for this WebSocket, or None (no fast path).
 
@@ -78,7 +103,8 @@ def direct_writer(
     here). Anything else that writes to this socket (uvicorn's pongs and closes, the ASGI
     path) takes the same buffer first, so frames keep their order. With ``shared``, a frame
     is framed once for all the connections it goes to, where the connection negotiated no
-    extension (``serve.py`` turns per-message deflate off); otherwise websockets frames it."""
+    extension (``serve.py`` turns per-message deflate off); otherwise websockets frames it.
+    With ``passes``, the pass's flushes of all connections run from one loop callback."""
     protocol: Any = scope.get(SCOPE_KEY)
     if protocol is None:
         return None
@@ -114,7 +140,10 @@ def direct_writer(
                 return False
         if not pending:
             pending = True
-            loop.call_soon(flush)
+            if passes is not None:
+                passes.add(flush)
+            else:
+                loop.call_soon(flush)
         return True
 
     return write

@@ -185,7 +185,7 @@ async def _handshake(ws: WebSocket, gw: Gateway) -> Connection:
         device_key=hello.device_key,
         kind=principal.kind,
         send_bytes=ws.send_bytes,
-        write_now=direct_writer(ws.scope, gw.frames),
+        write_now=direct_writer(ws.scope, gw.frames, gw.flushes),
         close_fn=lambda code, reason: ws.close(code=code, reason=reason),
         queue_limit=gw.settings.limits.outbound_queue,
         expires_at=principal.expires_at,

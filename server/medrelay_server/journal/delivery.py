@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..clock import Clock
 from ..store.base import AuditRecord
@@ -74,6 +74,21 @@ class _Range:
 
 
 _Key = tuple[str, str, str]  # (action, device, room)
+
+
+class Written(Protocol):
+    """Who a frame was written to (a gateway connection, or a :class:`Recipient`)."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+
+class Recipient(NamedTuple):
+    user: str
+    device: str
 
 
 class DeliveryJournal:
@@ -137,15 +152,29 @@ class DeliveryJournal:
 
     def record_written(self, user: str, device: str, room: str, seq: int, ts: int) -> None:
         """Seq ``seq`` of ``room`` was written to ``device``'s socket at ``ts``."""
-        key = (DELIVER, device, room)
-        r = self._open.get(key)
-        if r is not None and seq == r.seq_to + 1 and r.user == user:
-            r.seq_to, r.ts_end = seq, ts
-            return
-        if r is not None:
-            self._closed.append(r.record(DELIVER, device, room))
-        self._open[key] = _Range(user, seq, seq, ts, ts)
-        self._added()
+        self.record_written_to((Recipient(user, device),), room, seq, ts)
+
+    def record_written_to(
+        self, recipients: Iterable[Written], room: str, seq: int, ts: int
+    ) -> None:
+        """Seq ``seq`` of ``room`` was written to each recipient's socket at ``ts`` (the live
+        fan-out journals a room's recipients of an event in one call)."""
+        opened = self._open
+        added = False
+        for who in recipients:
+            device, user = who.device, who.user
+            key = (DELIVER, device, room)
+            r = opened.get(key)
+            if r is not None and seq == r.seq_to + 1 and r.user == user:
+                r.seq_to = seq
+                r.ts_end = ts
+                continue
+            if r is not None:
+                self._closed.append(r.record(DELIVER, device, room))
+            opened[key] = _Range(user, seq, seq, ts, ts)
+            added = True
+        if added:
+            self._added()
 
     def record_acked(
         self, user: str, device: str, room: str, seq: int, ts: int, *, previous: int | None = None
