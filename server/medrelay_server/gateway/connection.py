@@ -6,9 +6,10 @@ when the queue is full, marks the connection as a slow consumer and closes it wi
 markers) are shed first: they are dropped once the queue is half full.
 
 When nothing is queued or being written and the socket takes bytes without waiting,
-``enqueue`` writes the frame at once through ``write_now`` (a synchronous write into the
-transport's buffer; see ``gateway/direct.py``) instead of waking the writer task: a live
-fan-out to fifty members is then fifty buffer appends in one pass, not fifty task steps.
+``write_direct`` (and ``enqueue``, which tries it first) writes the frame at once through
+``write_now`` (a synchronous write into the transport's buffer; see ``gateway/direct.py``)
+instead of waking the writer task: a live fan-out to fifty members is then fifty buffer
+appends in one pass, not fifty task steps.
 Anything else (a backlog, a paused transport, no ``write_now``) takes the queue, so frames
 leave in the order they were offered.
 """
