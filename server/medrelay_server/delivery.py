@@ -159,6 +159,14 @@ class RoomHub:
         self.reorder: asyncio.TimerHandle | None = None
 
 
+def _each_written(conns: list[Connection], room: str, seq: int) -> None:
+    """Report direct writes one connection at a time (a ``Delivery`` without a journal
+    callback of its own)."""
+    for conn in conns:
+        if conn.on_written is not None:
+            conn.on_written(room, seq)
+
+
 class Delivery:
     def __init__(
         self,
@@ -180,12 +188,13 @@ class Delivery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
         self._on_gap_read = on_gap_read
-        self._on_written = on_written
-        """Called with the connections an event's frame was written to at once, the room
-        and the seq (the delivery journal); frames that wait in a connection's queue are
-        reported by its own ``on_written`` when written."""
         """Called with ``broker``, ``notify``, ``reconnect`` or ``poll`` for each store read
         that fills a room's gap, by what showed the gap (the app's metrics)."""
+        self._on_written = on_written or _each_written
+        """Called with the connections an event's frame was written to at once, the room
+        and the seq (the delivery journal, ``gateway.context.journal_fanout``); frames that
+        wait in a connection's queue are reported by its own ``on_written`` when written.
+        Without it, each connection's own ``on_written`` reports its direct writes too."""
         self._notified: dict[str, list[int]] = {}
         """Per room with a wake scheduled: [the seq that wake checks, the newest notified
         since it was scheduled (checked by the next wake)]."""
@@ -513,26 +522,28 @@ class Delivery:
         devices_too = kind in RECEIVE_KINDS_FOR_DEVICE_ROLE
         written: list[Connection] = []
         queued = 0
-        for conn in tuple(hub.conns):
-            if conn.closed or room in conn.catching_up:
-                continue
-            cursors = conn.cursors
-            cursor = cursors.get(room)
-            if cursor is None or seq <= cursor:
-                continue
-            if seq != cursor + 1 or not live:
-                self._spawn(self._catch_up(conn, hub))
-                continue
-            cursors[room] = seq
-            role = members.get(conn.user)
-            if role is None or (role == "device" and not devices_too):
-                continue
-            if conn.write_direct(frame):
-                written.append(conn)
-            elif conn.enqueue(frame, event=(room, seq)):
-                queued += 1
-        if written and self._on_written is not None:
-            self._on_written(written, room, seq)
+        try:
+            for conn in tuple(hub.conns):
+                if conn.closed or room in conn.catching_up:
+                    continue
+                cursors = conn.cursors
+                cursor = cursors.get(room)
+                if cursor is None or seq <= cursor:
+                    continue
+                if seq != cursor + 1 or not live:
+                    self._spawn(self._catch_up(conn, hub))
+                    continue
+                cursors[room] = seq
+                role = members.get(conn.user)
+                if role is None or (role == "device" and not devices_too):
+                    continue
+                if conn.write_direct(frame):
+                    written.append(conn)
+                elif conn.enqueue(frame, event=(room, seq), direct=False):
+                    queued += 1
+        finally:  # what was written is journaled, whatever happened after it
+            if written:
+                self._on_written(written, room, seq)
         return len(written) + queued
 
     async def _catch_up(self, conn: Connection, hub: RoomHub) -> None:

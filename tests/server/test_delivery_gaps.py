@@ -69,7 +69,7 @@ class _Device:
     def write_direct(self, frame: bytes) -> bool:
         return False
 
-    def enqueue(self, frame: bytes, *, event: tuple[str, int]) -> bool:
+    def enqueue(self, frame: bytes, *, event: tuple[str, int], direct: bool = True) -> bool:
         self.taken.append(event[1])
         return True
 

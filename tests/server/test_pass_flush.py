@@ -40,3 +40,45 @@ async def test_one_callback_runs_every_flush_of_the_pass_in_order() -> None:
     again = asyncio.Event()
     passes.add(again.set)
     await asyncio.wait_for(again.wait(), 10)
+
+
+async def test_a_flush_added_while_the_pass_runs_goes_to_the_next_pass() -> None:
+    passes = PassFlush()
+    ran: list[str] = []
+    done = asyncio.Event()
+
+    def first() -> None:
+        ran.append("first")
+        passes.add(lambda: (ran.append("later"), done.set()))
+
+    passes.add(first)
+    passes.add(lambda: ran.append("second"))
+    await asyncio.wait_for(done.wait(), 10)
+    assert ran == ["first", "second", "later"]
+
+
+async def test_a_base_exception_keeps_the_rest_of_the_pass_for_the_next() -> None:
+    """A flush that raises something other than an ``Exception`` (not the pass's to
+    swallow) leaves the callback (asyncio hands it to the loop's exception handler), and
+    the flushes after it still run, in the next pass."""
+    passes = PassFlush()
+    ran: list[str] = []
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    raised: list[BaseException] = []
+    loop.set_exception_handler(lambda _loop, ctx: raised.append(ctx["exception"]))
+
+    class Stop(BaseException):
+        pass
+
+    def stopping() -> None:
+        raise Stop
+
+    try:
+        passes.add(stopping)
+        passes.add(lambda: (ran.append("after"), done.set()))
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        loop.set_exception_handler(None)
+    assert ran == ["after"]
+    assert len(raised) == 1 and isinstance(raised[0], Stop)

@@ -59,7 +59,9 @@ class Connection:
     _queue: asyncio.Queue[tuple[bytes, tuple[str, int] | None] | None] = field(init=False)
     _writer: asyncio.Task[None] | None = field(default=None, init=False)
     on_written: Callable[[str, int], None] | None = None
-    """Called with (room, seq) once a room event's frame was written to the socket."""
+    """Called with (room, seq) once a room event's frame offered through ``enqueue`` was
+    written to the socket. The live fan-out reports its ``write_direct`` writes itself
+    (``Delivery``'s ``on_written``), for the whole room at once."""
     write_now: WriteNow | None = None
     _busy: bool = field(default=False, init=False)
     """The writer holds a frame it has not finished writing."""
@@ -81,15 +83,21 @@ class Connection:
         return self._queue.qsize()
 
     def enqueue(
-        self, data: bytes, *, ephemeral: bool = False, event: tuple[str, int] | None = None
+        self,
+        data: bytes,
+        *,
+        ephemeral: bool = False,
+        event: tuple[str, int] | None = None,
+        direct: bool = True,
     ) -> bool:
         """Queue frame bytes without waiting. False if dropped (ephemeral) or closing.
-        ``event`` = (room, seq) for a room event, reported to ``on_written`` once sent."""
+        ``event`` = (room, seq) for a room event, reported to ``on_written`` once sent.
+        ``direct=False``: the caller's ``write_direct`` was just refused; go to the queue."""
         if self.closed:
             return False
         if ephemeral and self._queue.qsize() * 2 >= self.queue_limit:
             return False
-        if self.write_direct(data):
+        if direct and self.write_direct(data):
             if event is not None and self.on_written is not None:
                 self.on_written(*event)
             return True

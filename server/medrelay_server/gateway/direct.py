@@ -84,11 +84,18 @@ class PassFlush:
 
     def _run(self) -> None:
         due, self._due = self._due, []
-        for flush in due:
+        for i, flush in enumerate(due):
             try:
                 flush()
             except Exception as exc:  # one socket's failure must not keep the rest waiting
                 log.warning("a socket flush failed (%s)", type(exc).__name__)
+            except BaseException:  # not ours to swallow: the rest still flush, next pass
+                rest = due[i + 1 :]
+                if rest:
+                    if not self._due:
+                        asyncio.get_running_loop().call_soon(self._run)
+                    self._due[:0] = rest
+                raise
 
 
 def direct_writer(
