@@ -190,7 +190,7 @@ class Delivery:
         self._on_gap_read = on_gap_read
         """Called with ``broker``, ``notify``, ``reconnect`` or ``poll`` for each store read
         that fills a room's gap, by what showed the gap (the app's metrics)."""
-        self._on_written = on_written or _each_written
+        self._on_written = on_written if on_written is not None else _each_written
         """Called with the connections an event's frame was written to at once, the room
         and the seq (the delivery journal, ``gateway.context.journal_fanout``); frames that
         wait in a connection's queue are reported by its own ``on_written`` when written.

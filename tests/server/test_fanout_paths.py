@@ -6,7 +6,7 @@ not in line, closed or not entitled gets nothing, as before."""
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Any, cast
 
 from medrelay_protocol.codes import CloseCode
 from medrelay_server.delivery import Delivery, Effects, Registry, RoomHub
@@ -64,32 +64,38 @@ class Reads:
         return []
 
 
+class Journaled(list[tuple[str, list[str], int]]):
+    """``Delivery``'s journal callback: (room, users written to at once, seq) per call."""
+
+    def __call__(self, conns: list[Connection], room: str, seq: int) -> None:
+        self.append((room, sorted(c.user for c in conns), seq))
+
+
+def room_of(
+    peers: tuple[Peer, ...], members: dict[str, str], *, processed: int = 0, **kw: Any
+) -> tuple[Delivery, RoomHub]:
+    """A ``Delivery`` with one room hub holding ``peers``' connections."""
+    kw.setdefault("store", cast(Store, None))
+    delivery = Delivery(broker=InMemoryBroker(), registry=Registry(), replay_batch=16, **kw)
+    hub = RoomHub(ROOM, processed, members)
+    hub.conns.update(p.conn for p in peers)
+    delivery.hubs[ROOM] = hub
+    return delivery, hub
+
+
 async def test_one_pass_writes_queues_and_journals_each_recipient_once() -> None:
-    journaled: list[tuple[list[str], str, int]] = []
-    delivered: list[int] = []
-    delivery = Delivery(
-        store=cast(Store, None),
-        broker=InMemoryBroker(),
-        registry=Registry(),
-        replay_batch=16,
-        on_delivered=delivered.append,
-        on_written=lambda conns, room, seq: journaled.append(
-            (sorted(c.user for c in conns), room, seq)
-        ),
-    )
+    journaled, delivered = Journaled(), list[int]()
     members = {"ann": "member", "ben": "member", "cat": "device", "dan": "member"}
     ann, ben, cat, dan = Peer("ann"), Peer("ben", direct=False), Peer("cat"), Peer("dan")
     eve = Peer("eve")  # connected to the room's hub but not a member
     dan.conn.closed = True
-    hub = RoomHub(ROOM, 0, members)
     peers = (ann, ben, cat, dan, eve)
-    hub.conns.update(p.conn for p in peers)
-    delivery.hubs[ROOM] = hub
+    delivery, hub = room_of(peers, members, on_delivered=delivered.append, on_written=journaled)
     try:
         delivery._process(hub, 1, "message", b"frame-1", Effects())
         assert hub.processed == 1
         assert ann.now == [b"frame-1"] and ben.now == [] and cat.now == [] and eve.now == []
-        assert journaled == [(["ann"], ROOM, 1)]  # the direct writes, together
+        assert journaled == [(ROOM, ["ann"], 1)]  # the direct writes, together
         assert delivered == [2]  # ann written, ben queued
         await ben.conn.flush(timeout=10)  # ben's writer task journals its own write
         assert ben.written == [(ROOM, 1)]
@@ -99,7 +105,7 @@ async def test_one_pass_writes_queues_and_journals_each_recipient_once() -> None
         # a device-role member gets roster events
         delivery._process(hub, 2, "roster", b"frame-2", Effects())
         assert cat.now == [b"frame-2"]
-        assert journaled[-1] == (["ann", "cat"], ROOM, 2)
+        assert journaled[-1] == (ROOM, ["ann", "cat"], 2)
         await ben.conn.flush(timeout=10)
         assert ben.written == [(ROOM, 1), (ROOM, 2)]
     finally:
@@ -110,32 +116,25 @@ async def test_one_pass_writes_queues_and_journals_each_recipient_once() -> None
 async def test_out_of_line_connections_get_a_catch_up_not_the_frame() -> None:
     """A gap, a rekey (its wrap is per device), a connection already catching up or not
     yet subscribed: nothing is written or journaled for them in the pass."""
-    journaled: list[tuple[list[str], int]] = []
-    reads = Reads()
-    delivery = Delivery(
-        store=cast(Store, reads),
-        broker=InMemoryBroker(),
-        registry=Registry(),
-        replay_batch=16,
-        on_written=lambda conns, room, seq: journaled.append((sorted(c.user for c in conns), seq)),
-    )
+    journaled, reads = Journaled(), Reads()
     ann, ben, cat, dan = Peer("ann"), Peer("ben"), Peer("cat"), Peer("dan")
     ben.conn.cursors[ROOM] = 3  # ahead: already has 4
     cat.conn.catching_up.add(ROOM)
     del dan.conn.cursors[ROOM]  # not subscribed to the room (yet)
     peers = (ann, ben, cat, dan)
-    hub = RoomHub(ROOM, 3, {p.conn.user: "member" for p in peers})
-    hub.conns.update(p.conn for p in peers)
-    delivery.hubs[ROOM] = hub
+    members = {p.conn.user: "member" for p in peers}
+    delivery, hub = room_of(
+        peers, members, processed=3, store=cast(Store, reads), on_written=journaled
+    )
     try:
         delivery._process(hub, 4, "message", b"frame-4", Effects())  # ann: 0 -> 4 is a gap
-        assert journaled == [(["ben"], 4)] and ben.now == [b"frame-4"]
+        assert journaled == [(ROOM, ["ben"], 4)] and ben.now == [b"frame-4"]
         assert ann.now == [] and cat.now == [] and dan.now == []
         await asyncio.wait_for(reads.done.wait(), 10)
         assert reads.reads == [("ann", 0)]  # the gap is read from the store
         reads.done.clear()
         delivery._process(hub, 5, "rekey", b"frame-5", Effects())
-        assert journaled == [(["ben"], 4)]  # a rekey is never fanned out live
+        assert journaled == [(ROOM, ["ben"], 4)]  # a rekey is never fanned out live
         await asyncio.wait_for(reads.done.wait(), 10)
         assert ("ben", 4) in reads.reads
         assert ben.now == [b"frame-4"] and cat.now == [] and dan.now == []
@@ -148,19 +147,11 @@ async def test_a_slow_consumer_is_closed_and_the_rest_still_get_the_frame() -> N
     """A connection whose socket refuses direct writes and whose queue is full is closed
     with ``SLOW_CONSUMER`` (a resume point, not an unbounded buffer); the others in the
     pass are written and journaled as usual."""
-    journaled: list[tuple[list[str], int]] = []
-    delivery = Delivery(
-        store=cast(Store, None),
-        broker=InMemoryBroker(),
-        registry=Registry(),
-        replay_batch=16,
-        on_written=lambda conns, room, seq: journaled.append((sorted(c.user for c in conns), seq)),
-    )
+    journaled = Journaled()
     ann, slow = Peer("ann"), Peer("slow", direct=False, limit=2)
     slow.release.clear()  # its writer holds the first frame; the queue takes two more
-    hub = RoomHub(ROOM, 0, {"ann": "member", "slow": "member"})
-    hub.conns.update((ann.conn, slow.conn))
-    delivery.hubs[ROOM] = hub
+    members = {"ann": "member", "slow": "member"}
+    delivery, hub = room_of((ann, slow), members, on_written=journaled)
     try:
         delivery._process(hub, 1, "message", b"f1", Effects())
         await asyncio.wait_for(slow.sending.wait(), 10)  # its writer holds f1
@@ -170,7 +161,7 @@ async def test_a_slow_consumer_is_closed_and_the_rest_still_get_the_frame() -> N
         assert slow.conn.depth == 2  # never more than its bound
         assert slow.conn.cursors[ROOM] == 4  # f5 found it closed
         assert ann.now == [b"f%d" % s for s in range(1, 6)]
-        assert journaled == [(["ann"], s) for s in range(1, 6)]
+        assert journaled == [(ROOM, ["ann"], s) for s in range(1, 6)]
     finally:
         slow.release.set()
         await ann.conn.stop()
@@ -178,13 +169,8 @@ async def test_a_slow_consumer_is_closed_and_the_rest_still_get_the_frame() -> N
 
 
 async def test_without_a_journal_callback_each_connection_reports_its_writes() -> None:
-    delivery = Delivery(
-        store=cast(Store, None), broker=InMemoryBroker(), registry=Registry(), replay_batch=16
-    )
     ann = Peer("ann")
-    hub = RoomHub(ROOM, 0, {"ann": "member"})
-    hub.conns.add(ann.conn)
-    delivery.hubs[ROOM] = hub
+    delivery, hub = room_of((ann,), {"ann": "member"})
     try:
         delivery._process(hub, 1, "message", b"f1", Effects())
         assert ann.now == [b"f1"] and ann.written == [(ROOM, 1)]
