@@ -67,7 +67,7 @@ def journal_writes(
     """``conn.on_written``: journal each room event written to ``conn``'s socket."""
 
     def written(room: str, seq: int) -> None:
-        journal.record_written(conn.user, conn.device, room, seq, clock.now())
+        journal.record_written_to((conn,), room, seq, clock.now())
 
     return written
 
